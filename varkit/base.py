@@ -1,0 +1,301 @@
+"""Base classes of the four plugin kinds.
+
+A plugin is a class with a class attribute ``name`` (its registry name), a nested attrs
+class ``Config`` (its recipe options; frozen, kw_only) and a constructor that takes that
+config first. It may define ``available()`` to say whether it can run on this machine.
+
+Shape glossary (einops axis names used across varkit): ``b`` batch, ``l`` positions,
+``s`` step, ``h w`` grid, ``nh`` heads, ``hd`` head dim, ``d`` model width,
+``c`` latent (code) channels, ``v`` vocabulary.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import attrs
+import torch
+from torch import nn
+
+from varkit.masks import BlockCausal
+
+
+@attrs.frozen(kw_only=True)
+class EmptyConfig:
+    """The config of a plugin that takes no options."""
+
+
+class PluginBase:
+    """What every plugin class has, whatever its kind."""
+
+    #: Registry name, ``[a-z][a-z0-9_]*``; what recipes write after ``name:``.
+    name: ClassVar[str]
+    #: attrs class of the plugin's recipe options (frozen, kw_only, validated).
+    Config: ClassVar[type] = EmptyConfig
+
+    @classmethod
+    def available(cls) -> tuple[bool, str]:
+        """Whether the plugin can run here, and if not, why (shown by ``varkit plugins``).
+
+        Must be cheap and must not raise: check for an optional import or a device.
+        """
+        return True, ""
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+class Tokenizer(PluginBase, nn.Module):
+    """Image <-> a pyramid of discrete code maps, coarse to fine.
+
+    ``encode`` turns images ``(b, 3, H, W)`` in [-1, 1] into a list of code maps
+    ``[(b, h1, w1), ..., (b, hK, wK)]`` (K = 1 for a single-scale tokenizer) and
+    ``decode`` turns such a list back into images. Between them lies the continuous
+    feature map ``f_hat`` of shape ``(b, c, hK, wK)`` that the codes stand for.
+
+    The feature API below is what prediction units build their inputs from, so any
+    tokenizer that implements it works with every unit that accepts its number of
+    scales.
+    """
+
+    def __init__(self, config):
+        nn.Module.__init__(self)
+        self.config = config
+
+    # -- facts ---------------------------------------------------------------
+    @property
+    def schedule(self) -> tuple[tuple[int, int], ...]:
+        """The ``(h, w)`` of each code map, coarse to fine; the last is the latent grid."""
+        raise NotImplementedError
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of codes ``v`` (shared by every scale)."""
+        raise NotImplementedError
+
+    @property
+    def code_dim(self) -> int:
+        """Channels ``c`` of a code's embedding and of ``f_hat``."""
+        raise NotImplementedError
+
+    @property
+    def downsample(self) -> int:
+        """Pixels per latent position along each axis (16 for VAR's VQ-VAE)."""
+        raise NotImplementedError
+
+    # -- codes <-> images ----------------------------------------------------
+    def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Images ``(b, 3, H, W)`` in [-1, 1] -> code maps ``[(b, h_k, w_k)]`` (int64)."""
+        raise NotImplementedError
+
+    def decode(self, codes: list[torch.Tensor]) -> torch.Tensor:
+        """Code maps ``[(b, h_k, w_k)]`` -> images ``(b, 3, H, W)`` in [-1, 1]."""
+        return self.features_to_image(self.codes_to_features(codes))
+
+    # -- the feature API used by prediction units ----------------------------
+    def embed(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codebook lookup: codes ``(...)`` -> embeddings ``(..., c)``."""
+        raise NotImplementedError
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        """The code embeddings ``(v, c)``; soft samplers mix its rows."""
+        raise NotImplementedError
+
+    def codes_to_features(self, codes: list[torch.Tensor]) -> torch.Tensor:
+        """The final feature map ``f_hat`` ``(b, c, hK, wK)`` that the codes stand for."""
+        f_hat = None
+        for k, code in enumerate(codes):
+            f_hat = self.add_scale(f_hat, k, self.embed(code).permute(0, 3, 1, 2))
+        return f_hat
+
+    def add_scale(self, f_hat: torch.Tensor | None, k: int, emb: torch.Tensor) -> torch.Tensor:
+        """Add scale ``k``'s code embeddings ``(b, c, h_k, w_k)`` to ``f_hat``.
+
+        ``f_hat`` is None before the first scale. Returns the new ``f_hat``
+        ``(b, c, hK, wK)``. A single-scale tokenizer returns ``emb`` as it is.
+        """
+        if len(self.schedule) != 1:
+            raise NotImplementedError
+        return emb
+
+    def next_input(self, f_hat: torch.Tensor, k: int) -> torch.Tensor:
+        """The input of scale ``k + 1`` after ``k + 1`` scales were added to ``f_hat``.
+
+        Returns ``(b, c, h_{k+1}, w_{k+1})``. Only multi-scale tokenizers define it.
+        """
+        raise NotImplementedError(f"tokenizer {self.name!r} has a single scale")
+
+    def teacher_forcing_inputs(self, codes: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The inputs of scales 2..K at once, as generation would build them step by step.
+
+        Returns ``[(b, c, h_2, w_2), ..., (b, c, h_K, w_K)]``; empty for one scale.
+        """
+        inputs, f_hat = [], None
+        for k, code in enumerate(codes[:-1]):
+            f_hat = self.add_scale(f_hat, k, self.embed(code).permute(0, 3, 1, 2))
+            inputs.append(self.next_input(f_hat, k))
+        return inputs
+
+    def features_to_image(self, f_hat: torch.Tensor) -> torch.Tensor:
+        """Decode a feature map ``(b, c, hK, wK)`` into images ``(b, 3, H, W)`` in [-1, 1]."""
+        raise NotImplementedError
+
+    # -- training --------------------------------------------------------------
+    def training_loss(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """The tokenizer's own training loss on images ``(b, 3, H, W)`` in [-1, 1].
+
+        Returns the scalar loss to minimise and metrics to log (floats).
+        """
+        raise NotImplementedError(f"tokenizer {self.name!r} cannot be trained by varkit")
+
+
+# ------------------------------------------------------------------- prediction unit
+
+
+class PredictionUnit(PluginBase, nn.Module):
+    """How a code pyramid becomes an autoregressive sequence.
+
+    A unit cuts the sequence into steps; step ``s`` predicts ``step_lengths[s]``
+    positions at once and sees every position of steps ``<= s``. The transformer's
+    input at the positions of step 0 is the class embedding plus ``pos_start``; at the
+    positions of step ``s > 0`` it is ``word_embed`` of the unit's input features
+    ``(b, l_s, c)``, computed from the codes of the steps before. Every position also
+    adds ``position_embedding()``.
+
+    A unit is built as ``Unit(config, tokenizer=tok, width=d)`` and owns its
+    embeddings (they are parameters of the model that holds it).
+    """
+
+    def __init__(self, config, *, tokenizer: Tokenizer, width: int):
+        nn.Module.__init__(self)
+        self.config = config
+
+    @classmethod
+    def check_tokenizer(cls, tokenizer: Tokenizer) -> list[str]:
+        """Problems pairing this unit with ``tokenizer`` (empty when they fit)."""
+        return []
+
+    @property
+    def step_lengths(self) -> tuple[int, ...]:
+        """Positions predicted by each step, e.g. ``(1, 4, 9, ...)`` for VAR."""
+        raise NotImplementedError
+
+    @property
+    def seq_len(self) -> int:
+        """Positions in the whole sequence ``l``."""
+        return sum(self.step_lengths)
+
+    def mask(self) -> BlockCausal:
+        """The training attention mask: each step sees itself and the steps before."""
+        return BlockCausal(self.step_lengths)
+
+    def start_embedding(self) -> torch.Tensor:
+        """``pos_start`` ``(1, l_0, d)``, added to the class embedding at step 0."""
+        raise NotImplementedError
+
+    def position_embedding(self) -> torch.Tensor:
+        """Position and step embeddings ``(1, l, d)`` added to every position."""
+        raise NotImplementedError
+
+    def targets(self, codes: list[torch.Tensor]) -> torch.Tensor:
+        """Code maps -> the codes to predict in sequence order, ``(b, l)``."""
+        raise NotImplementedError
+
+    def teacher_forcing(self, codes: list[torch.Tensor], tokenizer: Tokenizer) -> torch.Tensor:
+        """Input features of steps 1.. for training, ``(b, l - l_0, c)``."""
+        raise NotImplementedError
+
+    # -- generation ------------------------------------------------------------
+    def start_generation(self, batch: int, tokenizer: Tokenizer) -> dict:
+        """A fresh generation state for ``batch`` images (any dict the unit likes)."""
+        return {}
+
+    def generation_step(
+        self, state: dict, step: int, codes: torch.Tensor, emb: torch.Tensor, tokenizer: Tokenizer
+    ) -> torch.Tensor | None:
+        """Record step ``step``'s codes ``(b, l_s)`` and embeddings ``(b, l_s, c)``.
+
+        ``emb`` is ``tokenizer.embed(codes)`` or, with a soft sampler, a mixture of
+        codebook rows. Returns the next step's input features ``(b, l_{s+1}, c)``, or
+        None after the last step.
+        """
+        raise NotImplementedError
+
+    def finish_generation(self, state: dict, tokenizer: Tokenizer) -> torch.Tensor:
+        """The final feature map ``f_hat`` ``(b, c, hK, wK)`` to decode."""
+        raise NotImplementedError
+
+    def generated_codes(self, state: dict) -> list[torch.Tensor]:
+        """The generated code maps ``[(b, h_k, w_k)]``."""
+        raise NotImplementedError
+
+
+# ------------------------------------------------------------------ attention backend
+
+
+class AttentionBackend(PluginBase):
+    """``attend(q, k, v, mask)``: multi-head attention with a given softmax scale.
+
+    Every backend must agree with the ``math`` reference to float rounding on the same
+    inputs; the contract tests check this for every registered backend that is
+    available.
+    """
+
+    def __init__(self, config=None):
+        self.config = config if config is not None else self.Config()
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        mask: BlockCausal | None,
+        scale: float,
+    ) -> torch.Tensor:
+        """Attention output ``(b, nh, lq, hd)``.
+
+        Args:
+            q: queries ``(b, nh, lq, hd)``.
+            k: keys ``(b, nh, lk, hd)``.
+            v: values ``(b, nh, lk, hd)``.
+            mask: None when every query sees every key (a cached generation step, whose
+                keys are the cache so far), else the block-causal structure of a full
+                sequence (``lq == lk``).
+            scale: softmax temperature multiplying ``q @ k^T`` (VAR uses 1 with
+                l2-normalised q and k).
+        """
+        raise NotImplementedError
+
+
+# ------------------------------------------------------------------------ sampler
+
+
+class Sampler(PluginBase):
+    """Turns one step's logits into codes, and decides classifier-free guidance."""
+
+    def __init__(self, config=None):
+        self.config = config if config is not None else self.Config()
+
+    def guidance_scale(self, step: int, num_steps: int) -> float:
+        """Guidance ``t`` at ``step``: logits become ``(1 + t) * cond - t * uncond``.
+
+        0 means no guidance (and no batch doubling when it is 0 at every step).
+        """
+        return 0.0
+
+    def sample(
+        self, logits: torch.Tensor, *, step: int, num_steps: int, generator: torch.Generator
+    ) -> torch.Tensor:
+        """Logits ``(b, l, v)`` (guidance already applied) -> codes ``(b, l)`` (int64)."""
+        raise NotImplementedError
+
+    def soft_weights(
+        self, logits: torch.Tensor, *, step: int, num_steps: int, generator: torch.Generator
+    ) -> torch.Tensor | None:
+        """Optional weights ``(b, l, v)`` over the codebook to embed instead of hard codes.
+
+        None (the default) embeds the sampled codes as they are.
+        """
+        return None

@@ -1,0 +1,84 @@
+"""The ``varkit`` command line.
+
+Every subcommand has ``--help``. Errors a user can cause (:class:`VarkitError`) print
+as one paragraph on stderr and exit with status 2; argparse's own usage errors exit
+with 2 as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+import varkit
+from varkit.errors import VarkitError
+
+log = logging.getLogger("varkit")
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    from varkit.plugins import KINDS, registry
+
+    reg = registry()
+    rows = []
+    for entry in reg:
+        if args.kind and entry.kind != args.kind:
+            continue
+        ok, why = entry.available()
+        rows.append((KINDS[entry.kind].title, entry.name, entry.distribution, "yes" if ok else f"no: {why}"))
+    header = ("kind", "name", "distribution", "available")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
+    for row in [header, *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths)) + "  " + row[3])
+    for broken in reg.broken:
+        print(f"broken  {broken.distribution}: {broken.error} ({broken.source})")
+    return 0
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
+    parser = argparse.ArgumentParser(
+        prog="varkit",
+        description="Visual autoregressive image generation: train, sample, evaluate, import.",
+    )
+    parser.add_argument("--version", action="version", version=f"varkit {varkit.__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    commands: dict[str, Command] = {}
+
+    p = sub.add_parser("plugins", help="list the registered plugins and whether they can run here")
+    p.add_argument("--kind", choices=["tokenizer", "unit", "attention", "sampler"], help="only this kind")
+    commands["plugins"] = _cmd_plugins
+
+    for register in _EXTRA_COMMANDS:
+        register(sub, commands)
+    return parser, commands
+
+
+# Subcommands defined next to the code they drive; each adds its parser and handler.
+_EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction, dict[str, Command]], None]] = []
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Configure output for the CLI: rank 0 logs INFO, other ranks only warnings."""
+    rank = int(os.environ.get("RANK", "0"))
+    level = logging.DEBUG if verbose else logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser, commands = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        return commands[args.command](args)
+    except VarkitError as exc:
+        print(f"varkit: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("varkit: interrupted", file=sys.stderr)
+        return 130
