@@ -142,12 +142,30 @@ class Tokenizer(PluginBase, nn.Module):
         raise NotImplementedError
 
     # -- training --------------------------------------------------------------
-    def training_loss(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """The tokenizer's own training loss on images ``(b, 3, H, W)`` in [-1, 1].
+    def training_losses(self, images: torch.Tensor, *, step: int) -> TokenizerLosses:
+        """The tokenizer's own training losses on images ``(b, 3, H, W)`` in [-1, 1].
 
-        Returns the scalar loss to minimise and metrics to log (floats).
+        The training loop back-propagates ``generator`` into every parameter except
+        ``discriminator_parameters()`` and, when it is not None, ``discriminator`` into
+        those alone (computed on detached reconstructions).
         """
         raise NotImplementedError(f"tokenizer {self.name!r} cannot be trained by varkit")
+
+    def discriminator_parameters(self) -> list[nn.Parameter]:
+        """Parameters of an adversarial discriminator, trained by their own optimizer."""
+        return []
+
+
+@attrs.define
+class TokenizerLosses:
+    """What one tokenizer training step returns."""
+
+    #: Loss of the encoder, quantiser and decoder (reconstruction, VQ, perceptual, GAN).
+    generator: torch.Tensor
+    #: Loss of the discriminator alone, or None when there is none (or before it starts).
+    discriminator: torch.Tensor | None
+    #: Scalars to log, e.g. ``{"rec": 0.1, "vq": 0.02, "usage/0": 0.9}``.
+    metrics: dict[str, float]
 
 
 # ------------------------------------------------------------------- prediction unit

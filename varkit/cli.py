@@ -8,6 +8,7 @@ with 2 as well.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -54,13 +55,15 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     p.add_argument("--kind", choices=["tokenizer", "unit", "attention", "sampler"], help="only this kind")
     commands["plugins"] = _cmd_plugins
 
-    for register in _EXTRA_COMMANDS:
-        register(sub, commands)
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).add_commands(sub, commands)
     return parser, commands
 
 
-# Subcommands defined next to the code they drive; each adds its parser and handler.
-_EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction, dict[str, Command]], None]] = []
+#: Modules that define subcommands next to the code they drive. Each has
+#: ``add_commands(sub, commands)``: it adds its parsers to ``sub`` and its handlers
+#: (``Namespace -> exit status``) to ``commands`` under the subcommand's name.
+COMMAND_MODULES: list[str] = []
 
 
 def setup_logging(verbose: bool = False) -> None:
