@@ -7,6 +7,7 @@ tokenizer's latent grid. VAR's default for a 16×16 latent is
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -56,7 +57,7 @@ def validate(grids: Sequence[Grid], latent: Grid | None = None) -> list[str]:
     for h, w in grids:
         if h < 1 or w < 1:
             problems.append(f"scale {h}x{w} has a size below 1")
-    for (h0, w0), (h1, w1) in zip(grids, grids[1:], strict=False):
+    for (h0, w0), (h1, w1) in itertools.pairwise(grids):
         if h1 < h0 or w1 < w0 or (h1, w1) == (h0, w0):
             problems.append(
                 f"scales must grow from coarse to fine, but {h0}x{w0} is followed by {h1}x{w1}"
