@@ -85,7 +85,9 @@ class Pipeline:
 
         Args:
             labels: class indices ``(b,)``.
-            cfg, top_k, top_p: override those options of the sampler (None keeps them).
+            cfg: guidance scale of the sampler (None keeps the sampler's).
+            top_k: top-k of the sampler (None keeps it; 0 turns it off).
+            top_p: top-p of the sampler (None keeps it; 1 turns it off).
             seed: seeds the generator; the same seed gives the same images.
             more_smooth: VAR's smooth mode (the ``gumbel`` sampler).
             sampler: a sampler name or instance instead of the pipeline's own.
