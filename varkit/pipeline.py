@@ -166,7 +166,12 @@ def load_tokenizer(path: str | os.PathLike, *, device: torch.device | str = "cpu
 
 
 def load_tokenizer_weights(tokenizer: Tokenizer, path: str | os.PathLike) -> None:
-    """Load a tokenizer's weights from a run, checkpoint directory or ``.safetensors`` file."""
+    """Load a tokenizer's weights from a file or a directory.
+
+    ``path`` is a run, a checkpoint directory, a ``.safetensors`` file, or a plain
+    ``.pth`` state dict (read with ``weights_only=True``) such as the official VAR
+    release's ``vae_ch160v4096z32.pth``.
+    """
     from varkit.checkpoint import latest_checkpoint, load_weights
 
     path = Path(path)
@@ -176,6 +181,10 @@ def load_tokenizer_weights(tokenizer: Tokenizer, path: str | os.PathLike) -> Non
         if not path.is_file():
             raise CheckpointError(f"tokenizer weights {path} do not exist")
         state = load_file(str(path))
+    elif path.suffix in (".pth", ".pt"):  # e.g. the official vae_ch160v4096z32.pth
+        from varkit.official import read_state_dict
+
+        state = read_state_dict(path, "tokenizer checkpoint")
     else:
         step_dir = latest_checkpoint(path)
         if step_dir is None and (path / "tokenizer").is_dir():
