@@ -216,6 +216,15 @@ class PredictionUnit(PluginBase, nn.Module):
         """Position and step embeddings ``(1, l, d)`` added to every position."""
         raise NotImplementedError
 
+    def rotary_angles(self, head_dim: int) -> torch.Tensor | None:
+        """Rotary position angles ``(l, head_dim // 2)`` in radians, or None (the default).
+
+        A unit that places positions by rotation (e.g. 2-D RoPE) returns one angle per
+        position and frequency; the transformer then rotates each head's query and key
+        pairs ``(x[..., i], x[..., i + head_dim // 2])`` by them before attention.
+        """
+        return None
+
     def targets(self, codes: list[torch.Tensor]) -> torch.Tensor:
         """Code maps -> the codes to predict in sequence order, ``(b, l)``."""
         raise NotImplementedError
