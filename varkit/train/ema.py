@@ -1,0 +1,72 @@
+"""An exponential moving average of a module's parameters."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from varkit.train.distributed import full_tensor, is_sharded
+
+
+class EMA:
+    """``shadow = decay · shadow + (1 - decay) · param`` after every optimizer step.
+
+    The shadow tensors have the parameters' own layout (sharded under FSDP), so an EMA
+    costs one more copy of the weights per process, no more.
+
+    Args:
+        module: the module whose parameters are averaged (the unwrapped model).
+        decay: the EMA decay, e.g. 0.9999.
+    """
+
+    def __init__(self, module: nn.Module, decay: float):
+        self.module = module
+        self.decay = decay
+        self.shadow = {name: p.detach().clone() for name, p in module.named_parameters()}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        weight = 1.0 - self.decay
+        for name, param in self.module.named_parameters():
+            self.shadow[name].lerp_(param.detach(), weight)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The averaged weights with the module's buffers: a state dict of the module.
+
+        A collective under FSDP (every rank must call it).
+        """
+        state = {name: full_tensor(t) for name, t in self.shadow.items()}
+        for name, buf in self.module.named_buffers():
+            state[name] = buf
+        return state
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load averaged weights saved by :meth:`state_dict` (buffers are ignored)."""
+        for name, shadow in self.shadow.items():
+            value = state[name]
+            if is_sharded(shadow):
+                from torch.distributed.tensor import distribute_tensor
+
+                value = distribute_tensor(
+                    value.to(shadow.device_mesh.device_type), shadow.device_mesh, shadow.placements
+                )
+            shadow.copy_(value)
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[None]:
+        """The module holds the averaged weights inside the block, its own again after."""
+        params = dict(self.module.named_parameters())
+        backup = {name: p.detach().clone() for name, p in params.items()}
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(self.shadow[name])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, p in params.items():
+                    p.copy_(backup[name])
