@@ -1,0 +1,112 @@
+"""The ``varkit shards`` subcommand: image folders to shards, images to code shards."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from varkit.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+def _size(text: str) -> int:
+    """``256MB``, ``1GB``, ``500k`` or a plain number of bytes."""
+    units = {"": 1, "k": 1 << 10, "kb": 1 << 10, "m": 1 << 20, "mb": 1 << 20, "g": 1 << 30, "gb": 1 << 30}
+    t = text.strip().lower()
+    num = t.rstrip("kmgb")
+    try:
+        return int(float(num) * units[t[len(num) :]])
+    except (KeyError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 256MB, 1GB or 500000") from None
+
+
+def add_commands(sub: argparse._SubParsersAction, commands: dict) -> None:
+    p = sub.add_parser(
+        "shards",
+        help="write webdataset shards from an image folder (or tokenizer codes with --tokenize)",
+        description="Write SRC, a folder with one subfolder per class (ImageNet's layout; the class "
+        "index is the folder's position in sorted order), as tar shards in OUT, with shards.json "
+        "(samples per shard) and classes.json (folder name -> class index). With --tokenize, encode "
+        "the images of SRC (a folder or an image shard pattern) with a run's tokenizer and write code "
+        "shards that `data.source: codes` trains from.",
+    )
+    p.add_argument("src", help="image folder, or (with --tokenize) an image shard pattern")
+    p.add_argument("out", help="output directory")
+    p.add_argument("--prefix", default="train", help="shard name prefix (default train; e.g. val)")
+    p.add_argument("--shard-size", type=_size, default=256 << 20, help="target shard size (default 256MB)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shuffled writing order (default 0)")
+    p.add_argument("--no-shuffle", action="store_true", help="write in folder order (classes sorted)")
+    p.add_argument("--workers", type=int, default=0, help="processes that read and check images (default 0)")
+    p.add_argument("--tokenize", metavar="RUN_OR_CKPT", help="write code shards with this run's tokenizer")
+    p.add_argument("--crops", type=int, default=1, help="crops per image with --tokenize (1-10; default 1)")
+    p.add_argument("--resolution", type=int, help="crop size with --tokenize (default: the tokenizer's)")
+    p.add_argument(
+        "--crop-ratio", type=float, default=1.125, help="shorter side / resolution (default 1.125)"
+    )
+    p.add_argument("--batch-size", type=int, default=64, help="images per encode call (default 64)")
+    p.add_argument("--device", default=None, help="tokenizer device (default cuda when available)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    commands["shards"] = _shards
+
+
+def _shards(args: argparse.Namespace) -> int:
+    if args.tokenize:
+        return _tokenize(args)
+    from varkit.data.folder import write_image_folder
+
+    s = write_image_folder(
+        args.src,
+        args.out,
+        prefix=args.prefix,
+        shard_bytes=args.shard_size,
+        shuffle=not args.no_shuffle,
+        seed=args.seed,
+        workers=args.workers,
+        progress=not args.no_progress,
+    )
+    print(f"images   {s.images}")
+    print(f"classes  {s.classes} (mapping in {Path(args.out) / 'classes.json'})")
+    print(f"shards   {s.shards}")
+    print(f"bytes    {s.bytes} ({s.bytes / 2**20:.1f} MiB)")
+    print(f"skipped  {len(s.skipped)} unreadable files")
+    for path, why in s.skipped:
+        print(f"  {path}: {why}")
+    print(f"pattern  {s.pattern}")
+    return 0
+
+
+def _tokenize(args: argparse.Namespace) -> int:
+    import torch
+
+    from varkit.data.codes import write_code_shards
+    from varkit.pipeline import load_tokenizer
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = load_tokenizer(args.tokenize, device=device)
+    resolution = args.resolution or getattr(tokenizer.config, "image_size", None)
+    if not isinstance(resolution, int):
+        raise DataError(f"the tokenizer of {args.tokenize} does not say its image size; give --resolution")
+    s = write_code_shards(
+        tokenizer,
+        args.src,
+        args.out,
+        crops=args.crops,
+        resolution=resolution,
+        crop_ratio=args.crop_ratio,
+        prefix=args.prefix,
+        batch_size=args.batch_size,
+        shard_bytes=args.shard_size,
+        device=device,
+        progress=not args.no_progress,
+        source_name=str(args.tokenize),
+    )
+    print(f"images   {s.images} ({s.crops} crops each)")
+    print(f"shards   {s.shards}")
+    print(f"bytes    {s.bytes} ({s.bytes / max(s.images, 1) / 1024:.1f} KiB per image)")
+    print(f"skipped  {len(s.skipped)} samples")
+    for key, why in s.skipped:
+        print(f"  {key}: {why}")
+    print(f"pattern  {s.pattern}  (recipe: data.source: codes, data.codes: <pattern>)")
+    return 0

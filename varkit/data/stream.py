@@ -1,0 +1,623 @@
+"""The training stream and the evaluation loader over webdataset shards.
+
+How one epoch is read (``W`` ranks, ``K`` DataLoader workers per rank, ``K = 1`` when
+``workers`` is 0; every choice below is a pure function of the seed, the epoch, the
+rank and the worker, so the order is the same on every run):
+
+- The ``W·K`` readers ("slots", ``slot = rank·K + worker``) split the shards: the
+  shard list is permuted by ``(seed, epoch)`` and slot ``i`` takes every ``W·K``-th
+  shard from ``i``. With fewer shards than slots, every slot reads every shard and
+  keeps every ``W·K``-th sample instead, so a tiny set still feeds every worker.
+  In resampled mode each slot draws shards with replacement from its own generator.
+- Each slot shuffles its samples through a buffer of ``shuffle_buffer`` samples and
+  draws each sample's crop (and flip) from its own generator.
+- A rank yields exactly ``samples_per_epoch // (W · batch_size)`` batches per epoch
+  (every rank the same number, which DDP needs): worker ``j`` makes batches
+  ``j, j+K, j+2K, ...``, in the order the DataLoader hands them out. A slot that runs
+  out of samples reads its shards again (another shuffle); one with samples to spare
+  leaves them for a later epoch's permutation.
+
+Exact resume: the stream's state is ``(epoch, batches consumed)``. A resumed stream
+re-reads the epoch from its start and skips what was consumed: skipped samples are
+read and checked (an image is decoded, at JPEG draft scale, because a bad image must
+be skipped exactly as before) but neither cropped nor batched. The cost is one
+decode per skipped image, spread over the workers, once per resume: seconds for the
+synthetic set, up to a few minutes for a late point of an ImageNet epoch; code shards
+skip at memory speed.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import Counter
+from collections.abc import Iterator
+from itertools import count as counter
+
+import attrs
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from varkit.data import transforms
+from varkit.data.codes import CODE_DTYPES, CodeLayout, split_codes
+from varkit.data.config import DataConfig
+from varkit.data.shards import IMAGE_EXTS, ShardSet, iter_samples, open_shards
+from varkit.errors import DataError
+
+log = logging.getLogger(__name__)
+
+#: Bad samples logged one by one per process before only their count is reported.
+WARN_LIMIT = 10
+#: Tags that keep the generators of one slot apart.
+_SHARDS, _RESAMPLE, _SHUFFLE, _AUGMENT = 0, 1, 2, 3
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+@attrs.define
+class Batch:
+    """One batch of the training stream or the evaluation loader.
+
+    Attributes:
+        images: ``(b, 3, R, R)`` float32 in [-1, 1], or None for a code stream.
+        codes: code maps ``[(b, h_k, w_k)]`` int64 coarse to fine, or None for images.
+        labels: ``(b,)`` int64 class indices.
+    """
+
+    images: torch.Tensor | None
+    codes: list[torch.Tensor] | None
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def to(self, device: torch.device | str, *, non_blocking: bool = False) -> Batch:
+        """The same batch on ``device``."""
+        return Batch(
+            images=None if self.images is None else self.images.to(device, non_blocking=non_blocking),
+            codes=None
+            if self.codes is None
+            else [c.to(device, non_blocking=non_blocking) for c in self.codes],
+            labels=self.labels.to(device, non_blocking=non_blocking),
+        )
+
+
+@attrs.frozen(kw_only=True)
+class Source:
+    """What a stream reads: shard urls, what they hold, and how many samples."""
+
+    kind: str  # "images" or "codes"
+    shards: ShardSet
+    #: The recipe field the pattern came from (named in errors).
+    field: str
+    layout: CodeLayout | None = None
+
+
+def resolve_source(config: DataConfig, *, split: str = "train", tokenizer=None) -> Source:
+    """The shards a stream reads for ``config.source`` (``split``: ``train`` or ``val``).
+
+    The synthetic set is generated into the cache on first use. Evaluation always
+    reads images: the val shards, or the synthetic val split.
+
+    Raises:
+        DataError: the pattern names no shards, or they hold the wrong kind of data.
+    """
+    if config.source == "synthetic":
+        from varkit.data.synthetic import ensure_synthetic
+
+        patterns = ensure_synthetic(config)
+        return Source(
+            kind="images", shards=open_shards(patterns[split], field="data.synthetic"), field="data.synthetic"
+        )
+    if split == "val":
+        if not config.val_shards:
+            raise DataError(
+                "data.val_shards is not set; evaluation needs image shards, e.g. written by "
+                "`varkit shards /data/imagenet/val OUT --prefix val`"
+            )
+        field, pattern, kind = "data.val_shards", config.val_shards, "images"
+    elif config.source == "codes":
+        field, pattern, kind = "data.codes", config.codes, "codes"
+    else:
+        field, pattern, kind = "data.train_shards", config.train_shards, "images"
+    shards = open_shards(pattern, field=field)
+    if shards.meta and shards.kind != kind:
+        hint = (
+            "point data.codes at shards written by `varkit shards --tokenize`"
+            if kind == "codes"
+            else "these are code shards: set data.source: codes and data.codes to this pattern"
+        )
+        raise DataError(f"{field} {pattern!r} holds {shards.kind}, not {kind}; {hint}")
+    layout = None
+    if kind == "codes":
+        layout = _code_layout(shards, field, tokenizer)
+    return Source(kind=kind, shards=shards, field=field, layout=layout)
+
+
+def _code_layout(shards: ShardSet, field: str, tokenizer) -> CodeLayout:
+    if shards.meta.get("kind") == "codes":
+        layout = CodeLayout.from_meta(shards.meta)
+        if tokenizer is not None and (
+            tuple(map(tuple, tokenizer.schedule)) != layout.schedule
+            or tokenizer.vocab_size != layout.vocab_size
+        ):
+            raise DataError(
+                f"{field}: the code shards hold codes of schedule {layout.schedule} and vocabulary "
+                f"{layout.vocab_size}, but the tokenizer has {tuple(tokenizer.schedule)} and "
+                f"{tokenizer.vocab_size}; write them again with this tokenizer (`varkit shards --tokenize`)"
+            )
+        return layout
+    if tokenizer is None:
+        raise DataError(
+            f"{field} {shards.pattern!r} has no shards.json saying how its codes are laid out; keep the "
+            "index that `varkit shards --tokenize` wrote beside the shards, or pass the tokenizer"
+        )
+    # crops are read off the first sample's size when there is no index
+    return CodeLayout(schedule=tokenizer.schedule, vocab_size=tokenizer.vocab_size, crops=0)
+
+
+# ---------------------------------------------------------------------- the reader
+
+
+def _share(n: int, parts: int, part: int) -> int:
+    """How many of ``0 .. n-1`` are ``part`` modulo ``parts``."""
+    return n // parts + (1 if part < n % parts else 0)
+
+
+@attrs.frozen(kw_only=True)
+class _Reader:
+    """Everything a worker needs to read its part of an epoch (pickled into workers)."""
+
+    source: Source
+    train: bool
+    batch_size: int
+    seed: int
+    rank: int = 0
+    world_size: int = 1
+    resolution: int
+    crop_ratio: float
+    hflip: bool
+    num_classes: int
+    shuffle_buffer: int
+    resampled: bool
+
+    # -- samples -----------------------------------------------------------------
+    def _shard_passes(self, epoch: int, slot: int, slots: int) -> Iterator[Iterator[tuple[str, int, int]]]:
+        """Passes over the slot's shards: each an iterator of ``(url, keep_mod, keep_rem)``."""
+        urls = self.source.shards.urls
+        n = len(urls)
+        for p in counter():
+            if self.train and self.resampled:
+                rng = np.random.default_rng([self.seed, epoch, slot, p, _RESAMPLE])
+                yield ((urls[int(rng.integers(n))], 1, 0) for _ in counter())
+                return
+            order = (
+                np.random.default_rng([self.seed, epoch, p, _SHARDS]).permutation(n)
+                if self.train
+                else range(n)
+            )
+            if n >= slots:
+                yield ((urls[int(i)], 1, 0) for i in list(order)[slot::slots])
+            else:
+                yield ((urls[int(i)], slots, slot) for i in order)
+            if not self.train:
+                return
+
+    def samples(self, epoch: int, slot: int, slots: int) -> Iterator[tuple[str, str, dict[str, bytes]]]:
+        """The slot's samples ``(url, key, members)``, shuffled; endless for training."""
+        raw = self._raw(epoch, slot, slots)
+        if not self.train or self.shuffle_buffer <= 1:
+            return raw
+        return _shuffled(raw, self.shuffle_buffer, np.random.default_rng([self.seed, epoch, slot, _SHUFFLE]))
+
+    def _raw(self, epoch: int, slot: int, slots: int) -> Iterator[tuple[str, str, dict[str, bytes]]]:
+        for shard_pass in self._shard_passes(epoch, slot, slots):
+            found, index = 0, 0
+            for url, mod, rem in shard_pass:
+                for key, members in iter_samples(url):
+                    index += 1
+                    if (index - 1) % mod == rem:
+                        found += 1
+                        yield url, key, members
+            if found == 0 and self.train:
+                raise DataError(
+                    f"{self.source.field}: reader {slot} of {slots} found no samples in its shards of "
+                    f"{self.source.shards.pattern!r}; the shards are empty"
+                )
+
+    # -- one sample ------------------------------------------------------------------
+    def _label(self, members: dict[str, bytes]) -> int | str:
+        raw = members.get("cls")
+        if raw is None:
+            return "no cls"
+        try:
+            label = int(raw.decode("ascii").strip())
+        except (UnicodeDecodeError, ValueError):
+            return "unreadable cls"
+        if not 0 <= label < self.num_classes:
+            return "class out of range"
+        return label
+
+    def process(self, members: dict[str, bytes], draws: np.ndarray, *, full: bool):
+        """One sample -> ``(array, label)`` or the reason to skip it.
+
+        ``draws`` are the sample's three uniforms (crop x, crop y, flip or crop index).
+        With ``full`` False only the checks run (resuming skips such samples).
+        """
+        label = self._label(members)
+        if isinstance(label, str):
+            return label
+        if self.source.kind == "codes":
+            return self._codes(members, draws, full=full, label=label)
+        ext = next((e for e in IMAGE_EXTS if e in members), None)
+        if ext is None:
+            return "no image"
+        try:
+            img, size = transforms.open_image(
+                members[ext], short_side=round(self.crop_ratio * self.resolution)
+            )
+            if not full:
+                return None, label
+            pixels = transforms.crop(
+                img,
+                size,
+                resolution=self.resolution,
+                crop_ratio=self.crop_ratio,
+                u=(draws[0], draws[1]) if self.train else None,
+                flip=self.train and self.hflip and draws[2] < 0.5,
+            )
+        except _DECODE_ERRORS:
+            return "unreadable image"
+        return pixels, label
+
+    def _codes(self, members, draws, *, full: bool, label: int):
+        layout = self.source.layout
+        data = members.get(layout.ext)
+        if data is None:
+            return f"no {layout.ext} codes"
+        codes = np.frombuffer(data, dtype=CODE_DTYPES[layout.ext])
+        crops = layout.crops or codes.size // layout.length
+        if crops < 1 or codes.size != crops * layout.length:
+            return "codes of the wrong size"
+        if not full:
+            return None, label
+        pick = min(int(draws[2] * crops), crops - 1) if self.train else 0
+        return codes[pick * layout.length : (pick + 1) * layout.length], label
+
+    # -- batches ---------------------------------------------------------------------
+    def batches(self, epoch: int, slot: int, slots: int, *, skip: int, count: int | None) -> Iterator[dict]:
+        """The slot's batches of an epoch: ``skip`` made silently, then ``count`` yielded.
+
+        ``count`` None (evaluation) reads to the end and yields the last partial batch.
+        """
+        rng = np.random.default_rng([self.seed, epoch, slot, _AUGMENT])
+        made, items, labels = 0, [], []
+        bad: Counter = Counter()
+        if count == 0:
+            return
+        for url, key, members in self.samples(epoch, slot, slots):
+            draws = rng.random(3)  # drawn for every sample, so skipping keeps the sequence
+            full = made >= skip
+            result = self.process(members, draws, full=full)
+            if isinstance(result, str):
+                if full:
+                    bad[result] += 1
+                    _warn(result, key, url)
+                continue
+            items.append(result[0])
+            labels.append(result[1])
+            if len(labels) == self.batch_size:
+                if full:
+                    yield self._collate(items, labels, bad)
+                    bad = Counter()
+                items, labels = [], []
+                made += 1
+                if count is not None and made == skip + count:
+                    return
+        if labels and count is None:
+            yield self._collate(items, labels, bad)
+
+    def _collate(self, items: list, labels: list[int], bad: Counter) -> dict:
+        out = {
+            "images": None,
+            "codes": None,
+            "labels": torch.tensor(labels, dtype=torch.int64),
+            "skipped": dict(bad),
+        }
+        if self.source.kind == "codes":
+            out["codes"] = torch.from_numpy(np.stack(items).astype(np.int64))  # (b, l)
+        else:
+            out["images"] = transforms.to_model_range(np.stack(items))  # (b, 3, R, R)
+        return out
+
+
+_warned = Counter()
+
+
+def _warn(reason: str, key: str, url: str) -> None:
+    _warned["n"] += 1
+    if _warned["n"] <= WARN_LIMIT:
+        log.warning("skipping sample %s of %s: %s", key, url, reason)
+        if _warned["n"] == WARN_LIMIT:
+            log.warning("further bad samples are counted (stream.skipped), not logged one by one")
+
+
+def _shuffled(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:
+    """Items in a random order, through a buffer of ``size`` (webdataset's shuffle)."""
+    buffer = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        i = int(rng.integers(size))
+        yield buffer[i]
+        buffer[i] = item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+class _EpochDataset(IterableDataset):
+    """One rank's epoch from batch ``start`` on; each worker makes every K-th batch."""
+
+    def __init__(self, reader: _Reader, *, epoch: int, start: int, batches: int | None):
+        self.reader, self.epoch, self.start, self.batches = reader, epoch, start, batches
+
+    def __iter__(self):
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        r = self.reader
+        if self.batches is None:  # evaluation: workers split the shards, read to the end
+            yield from r.batches(0, worker, workers, skip=0, count=None)
+            return
+        # after a resume at batch `start`, worker j plays the part of worker (j + start) % K,
+        # so that the DataLoader's round robin hands out batch `start` first
+        role = (worker + self.start) % workers
+        done = _share(self.start, workers, role)
+        total = _share(self.batches, workers, role)
+        slot = r.rank * workers + role
+        yield from r.batches(self.epoch, slot, r.world_size * workers, skip=done, count=total - done)
+
+
+def _loader(dataset: IterableDataset, workers: int) -> Iterator[dict]:
+    if workers == 0:
+        return iter(dataset)
+    loader = DataLoader(
+        dataset,
+        batch_size=None,  # the dataset makes whole batches
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available(),
+        prefetch_factor=4,
+        persistent_workers=False,
+    )
+    return iter(loader)
+
+
+def _clean(exc: DataError) -> DataError:
+    """A DataError raised in a worker, without the worker's traceback in its message."""
+    text = str(exc)
+    if "Original Traceback" in text:
+        match = re.search(r"DataError: (.*)\Z", text.strip(), re.S)
+        if match:
+            return DataError(match.group(1))
+    return exc
+
+
+def _batch(item: dict, layout: CodeLayout | None) -> Batch:
+    codes = item["codes"]
+    return Batch(
+        images=item["images"],
+        codes=None if codes is None else split_codes(codes, layout.schedule),
+        labels=item["labels"],
+    )
+
+
+# ----------------------------------------------------------------- the train stream
+
+
+class TrainStream:
+    """Endless batches for one rank, epoch after epoch (see the module docstring).
+
+    Attributes:
+        epoch: the epoch the next batch belongs to (counted from 0).
+        batch: batches of that epoch already handed out.
+        batches_per_epoch: batches per rank and epoch.
+        samples_per_epoch: samples per epoch over all ranks.
+        skipped: bad samples skipped so far, by reason.
+    """
+
+    def __init__(self, reader: _Reader, *, samples_per_epoch: int, workers: int):
+        self._reader = reader
+        self.workers = workers
+        self.samples_per_epoch = samples_per_epoch
+        self.batches_per_epoch = samples_per_epoch // (reader.world_size * reader.batch_size)
+        if self.batches_per_epoch < 1:
+            raise DataError(
+                f"an epoch has {samples_per_epoch} samples, fewer than one batch on every rank "
+                f"({reader.world_size} × {reader.batch_size}); lower the batch size or add data"
+            )
+        self.epoch = 0
+        self.batch = 0
+        self.skipped: Counter = Counter()
+
+    @property
+    def batch_size(self) -> int:
+        """Samples per batch on this rank."""
+        return self._reader.batch_size
+
+    @property
+    def skipped_total(self) -> int:
+        """Bad samples skipped so far, all reasons together."""
+        return sum(self.skipped.values())
+
+    @property
+    def layout(self) -> CodeLayout | None:
+        """The code layout of a code stream (None for images)."""
+        return self._reader.source.layout
+
+    def __iter__(self) -> Iterator[Batch]:
+        layout = self._reader.source.layout
+        while True:
+            if self.batch >= self.batches_per_epoch:
+                self.epoch, self.batch = self.epoch + 1, 0
+            dataset = _EpochDataset(
+                self._reader, epoch=self.epoch, start=self.batch, batches=self.batches_per_epoch
+            )
+            bad_before = self.skipped_total
+            try:
+                for item in _loader(dataset, self.workers):
+                    self.batch += 1
+                    self.skipped.update(item["skipped"])
+                    yield _batch(item, layout)
+            except DataError as exc:
+                raise _clean(exc) from None
+            if self.batch != self.batches_per_epoch:
+                raise DataError(
+                    f"epoch {self.epoch} ended after {self.batch} of {self.batches_per_epoch} batches: the "
+                    "shards hold fewer readable samples than data.samples_per_epoch says"
+                )
+            bad = self.skipped_total - bad_before
+            if bad:
+                log.warning("epoch %d: skipped %d bad samples (%s)", self.epoch, bad, dict(self.skipped))
+            self.epoch, self.batch = self.epoch + 1, 0
+
+    def state_dict(self) -> dict:
+        """Where the stream is; :meth:`load_state_dict` of it continues from there exactly."""
+        r = self._reader
+        return {
+            "epoch": self.epoch,
+            "batch": self.batch,
+            "skipped": dict(self.skipped),
+            "seed": r.seed,
+            "world_size": r.world_size,
+            "batch_size": r.batch_size,
+            "workers": self.workers,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a :meth:`state_dict`; the next batch is the one after those consumed.
+
+        The continuation is exact when seed, world size, batch size and workers are the
+        same as when the state was saved; otherwise a warning says so and the stream
+        resumes at the same fraction of the epoch.
+        """
+        r = self._reader
+        self.epoch = int(state["epoch"])
+        self.batch = int(state["batch"])
+        self.skipped = Counter(state.get("skipped", {}))
+        saved = {k: state.get(k) for k in ("seed", "world_size", "batch_size", "workers")}
+        now = {
+            "seed": r.seed,
+            "world_size": r.world_size,
+            "batch_size": r.batch_size,
+            "workers": self.workers,
+        }
+        changed = {k: (saved[k], now[k]) for k in now if saved[k] is not None and saved[k] != now[k]}
+        if changed:
+            log.warning(
+                "data stream resumed with %s changed (saved, now): the batches differ from an "
+                "uninterrupted run",
+                changed,
+            )
+            old = (saved["world_size"] or r.world_size) * (saved["batch_size"] or r.batch_size)
+            self.batch = min(self.batch * old // (r.world_size * r.batch_size), self.batches_per_epoch)
+
+
+def build_train_stream(
+    config: DataConfig,
+    *,
+    batch_size: int,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    tokenizer=None,
+) -> TrainStream:
+    """The endless training stream of one rank.
+
+    Args:
+        config: the recipe's ``data`` section.
+        batch_size: samples per batch on this rank.
+        seed: the run's seed; with rank, world size and workers it fixes the order.
+        rank: this process's rank, 0 .. world_size - 1.
+        world_size: number of ranks.
+        tokenizer: for code shards without an index, gives the schedule; when given,
+            code shards must match it.
+
+    Raises:
+        DataError: missing shards, an unknown epoch length, or too little data.
+    """
+    if not 0 <= rank < world_size:
+        raise DataError(f"rank {rank} is not in 0 .. {world_size - 1}")
+    if batch_size < 1:
+        raise DataError(f"batch size must be at least 1, got {batch_size}")
+    source = resolve_source(config, split="train", tokenizer=tokenizer)
+    samples = config.samples_per_epoch or source.shards.total
+    if samples is None:
+        raise DataError(
+            f"{source.field}: the number of samples per epoch is unknown ({source.shards.pattern!r} has no "
+            "shards.json beside it and cannot be counted); set data.samples_per_epoch"
+        )
+    reader = _reader(
+        config, source, train=True, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size
+    )
+    stream = TrainStream(reader, samples_per_epoch=samples, workers=config.workers)
+    log.info(
+        "data: %s from %s, %d shards, %d samples per epoch, %d batches of %d per rank",
+        source.kind,
+        source.shards.pattern,
+        len(source.shards.urls),
+        samples,
+        stream.batches_per_epoch,
+        batch_size,
+    )
+    return stream
+
+
+def _reader(config: DataConfig, source: Source, **kwargs) -> _Reader:
+    return _Reader(
+        source=source,
+        resolution=config.resolution,
+        crop_ratio=config.crop_ratio,
+        hflip=config.hflip,
+        num_classes=config.classes,
+        shuffle_buffer=config.shuffle_buffer,
+        resampled=config.resampled,
+        **kwargs,
+    )
+
+
+# ---------------------------------------------------------------------- evaluation
+
+
+class EvalLoader:
+    """Every validation image once, centre-cropped, in a fixed order.
+
+    Attributes:
+        samples: images in the set (None when unknown).
+    """
+
+    def __init__(self, reader: _Reader, *, workers: int):
+        self._reader = reader
+        self.workers = workers
+        self.samples = reader.source.shards.total
+        self.skipped: Counter = Counter()
+
+    def __iter__(self) -> Iterator[Batch]:
+        try:
+            for item in _loader(_EpochDataset(self._reader, epoch=0, start=0, batches=None), self.workers):
+                self.skipped.update(item["skipped"])
+                yield _batch(item, None)
+        except DataError as exc:
+            raise _clean(exc) from None
+
+
+def build_eval_loader(config: DataConfig, *, batch_size: int) -> EvalLoader:
+    """Validation images (``data.val_shards``, or the synthetic val split), centre crops.
+
+    The last batch may be smaller. Images only, whatever ``data.source`` is.
+    """
+    if batch_size < 1:
+        raise DataError(f"batch size must be at least 1, got {batch_size}")
+    source = resolve_source(config, split="val")
+    reader = _reader(config, source, train=False, batch_size=batch_size, seed=0)
+    return EvalLoader(reader, workers=config.workers)
