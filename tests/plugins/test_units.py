@@ -22,11 +22,25 @@ VARIANTS = {
     "patch": [{}, {"k": 4}, {"position": "rope2d"}],
 }
 
+
+def _real(name, **options):
+    """A tiny build of a registered tokenizer (16 px images, 4×4 latent)."""
+
+    def make():
+        cls = registry().get("tokenizer", name)
+        small = dict(image_size=16, ch=16, ch_mult=(1, 1, 2), num_res_blocks=1, norm_groups=8)
+        return cls(cls.Config(**small, code_dim=8, vocab_size=32, **options))
+
+    return make
+
+
 TOKENIZERS = {
     "multi": lambda: FakeTokenizer(FakeConfig(schedule=(1, 2, 4))),
     "multi_rect": lambda: FakeTokenizer(FakeConfig(schedule=((1, 2), (2, 3), (4, 4)))),
     "single": lambda: FakeTokenizer(FakeConfig(schedule=(4,))),
     "single_8": lambda: FakeTokenizer(FakeConfig(schedule=(8,))),
+    "msvq": _real("msvq", schedule=(1, 2, 3, 4)),
+    "vq": _real("vq"),
 }
 
 

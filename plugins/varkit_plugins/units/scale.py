@@ -19,7 +19,7 @@ from einops import rearrange
 from torch import nn
 
 import varkit
-from varkit.errors import PluginError
+from varkit.errors import PluginError, VarkitError
 from varkit_plugins.units import init_embedding_
 
 
@@ -77,7 +77,10 @@ class NextScale(varkit.PredictionUnit):
     def _check_codes(self, codes: list[torch.Tensor]) -> None:
         got = tuple(tuple(code.shape[1:]) for code in codes)
         if got != self.schedule:
-            raise ValueError(f"code maps of sizes {got} do not follow the unit's schedule {self.schedule}")
+            raise VarkitError(
+                f"code maps of sizes {got} do not follow the unit's schedule {self.schedule}; encode them "
+                "with the tokenizer the model was built with"
+            )
 
     # -- generation ---------------------------------------------------------------
     def start_generation(self, batch: int, tokenizer: varkit.Tokenizer) -> dict:
