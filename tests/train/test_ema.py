@@ -34,3 +34,9 @@ def test_state_dict_round_trip_includes_buffers():
     for name in ema.shadow:
         assert torch.equal(other.shadow[name], ema.shadow[name])
     model.load_state_dict(state)  # an EMA state dict is a state dict of the module
+
+
+def test_state_dict_leaves_out_non_persistent_buffers():
+    model = nn.Linear(2, 2)
+    model.register_buffer("table", torch.ones(3), persistent=False)
+    assert set(EMA(model, decay=0.5).state_dict()) == {"weight", "bias"}

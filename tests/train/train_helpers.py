@@ -50,7 +50,10 @@ def tiny_recipe_dict(out_dir, **sections: dict[str, Any]) -> dict[str, Any]:
         },
     }
     for key, value in sections.items():
-        if isinstance(value, dict) and isinstance(data.get(key), dict):
+        same_plugin = not isinstance(value, dict) or value.get(
+            "name", data.get(key, {}).get("name")
+        ) == data.get(key, {}).get("name")
+        if isinstance(value, dict) and isinstance(data.get(key), dict) and same_plugin:
             data[key] = {**data[key], **value}
         else:
             data[key] = value

@@ -38,9 +38,10 @@ class EMA:
 
         A collective under FSDP (every rank must call it).
         """
-        state = {name: full_tensor(t) for name, t in self.shadow.items()}
-        for name, buf in self.module.named_buffers():
-            state[name] = buf
+        # The module's own state dict gives the persistent buffers (and skips the
+        # non-persistent ones, which a strict load would reject); the weights are swapped.
+        state = {name: t for name, t in self.module.state_dict().items() if name not in self.shadow}
+        state.update({name: full_tensor(t) for name, t in self.shadow.items()})
         return state
 
     @torch.no_grad()
