@@ -301,11 +301,29 @@ def test_modulation_computed_once_per_generation(monkeypatch):
     calls = []
     original = model._modulations
     monkeypatch.setattr(model, "_modulations", lambda cond: calls.append(1) or original(cond))
+    positions = model.unit.position_embedding
+    monkeypatch.setattr(model.unit, "position_embedding", lambda: calls.append(2) or positions())
     cache = model.new_cache(labels.shape[0])
     cached_logits(model, inputs, labels, cache)
-    assert len(calls) == 1 and len(cache.modulation) == model.config.depth + 1
+    assert calls == [1, 2] and len(cache.modulation) == model.config.depth + 1
     cache.reset()
-    assert cache.length == 0 and cache.modulation is None
+    assert cache.length == 0 and cache.modulation is None and cache.positions is None
+
+
+def test_rotary_unit_must_fit_the_heads():
+    with pytest.raises(VarkitError, match="even head dim"):
+        make_model(width=30, heads=2, rotary=True)
+    tokenizer = FakeTokenizer(FakeConfig(schedule=(4,)))
+    cls = registry().get("unit", "token")
+    unit = cls(cls.Config(position="rope2d"), tokenizer=tokenizer, width=12)
+    with pytest.raises(VarkitError, match="cannot rotate heads of 2 channels"):
+        ARModel(
+            ModelConfig(depth=1, width=12, heads=6),
+            unit=unit,
+            attention=MathAttention(),
+            vocab_size=tokenizer.vocab_size,
+            code_dim=tokenizer.code_dim,
+        )
 
 
 def test_cache_is_written_in_place():
@@ -331,6 +349,21 @@ def test_forward_step_refuses_misuse():
         model.forward_step(inputs[:, :3], labels, cache, 1)
     with pytest.raises(VarkitError, match="outside"):
         model.forward_step(None, labels, cache, 3)
+
+
+def test_bf16_autocast_training_and_cached_steps():
+    model = perturb(make_model(backend=registry().get("attention", "sdpa")(), rotary=True)).eval()
+    inputs, labels = make_inputs(model)
+    reference = model(inputs, labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        full = model(inputs, labels)
+        cached = cached_logits(model, inputs, labels, model.new_cache(3, dtype=torch.bfloat16))
+        model.train()
+        model(inputs, labels).logsumexp(-1).mean().backward()
+    assert full.dtype == cached.dtype == torch.float32
+    torch.testing.assert_close(full, reference, rtol=0, atol=0.02)
+    torch.testing.assert_close(cached, reference, rtol=0, atol=0.02)
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
 
 
 @pytest.mark.parametrize("name", BACKENDS)

@@ -14,7 +14,9 @@ class KVCache:
 
     ``modulation`` holds the AdaLN scales and shifts of the batch's labels, computed
     by the model at step 0 and reused by every later step (they depend on the class
-    alone, never on the position).
+    alone, never on the position). ``positions`` (the unit's position embedding
+    ``(1, l, d)``) and ``rotary`` (cosines and sines of its rotary angles, or None) are
+    likewise computed once at step 0 and sliced by each step.
     """
 
     def __init__(
@@ -31,6 +33,8 @@ class KVCache:
         self.kv = torch.empty(depth, 2, batch, heads, max_len, head_dim, dtype=dtype, device=device)
         self.length = 0
         self.modulation: list[torch.Tensor] | None = None
+        self.positions: torch.Tensor | None = None
+        self.rotary: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __repr__(self) -> str:
         depth, _, b, nh, l, hd = self.kv.shape
@@ -74,3 +78,5 @@ class KVCache:
         """Forget every position and the conditioning: ready for a new batch of the same size."""
         self.length = 0
         self.modulation = None
+        self.positions = None
+        self.rotary = None

@@ -281,10 +281,7 @@ class ARModel(nn.Module):
         #: First position of each step, and the sequence length at the end.
         self.step_starts = tuple(sum(self.step_lengths[:s]) for s in range(len(self.step_lengths) + 1))
         d = config.width
-        if config.head_dim % 2 and unit.rotary_angles(config.head_dim) is not None:
-            raise VarkitError(
-                f"rotary positions need an even head dim, got {config.head_dim}; change model.heads"
-            )
+        self._check_rotary(unit, config.head_dim)
         device = torch.get_default_device()
         # Drop-path rates rise linearly from 0 at the first block to config.drop_path.
         rates = [config.drop_path * i / max(1, config.depth - 1) for i in range(config.depth)]
@@ -299,6 +296,23 @@ class ARModel(nn.Module):
             if name != "unit":
                 child.to_empty(device=device)
         self.reset_parameters()
+
+    @staticmethod
+    def _check_rotary(unit: PredictionUnit, head_dim: int) -> None:
+        """Refuse at build time a unit whose rotary angles cannot fit the heads."""
+        try:
+            angles = unit.rotary_angles(head_dim)
+        except ValueError as exc:
+            raise VarkitError(
+                f"unit {unit.name!r} cannot rotate heads of {head_dim} channels: {exc}; "
+                "change model.width or model.heads"
+            ) from None
+        expected = (unit.seq_len, head_dim // 2)
+        if angles is not None and (head_dim % 2 or tuple(angles.shape) != expected):
+            raise VarkitError(
+                f"unit {unit.name!r} gives rotary angles {tuple(angles.shape)} for heads of {head_dim} "
+                f"channels; the model needs an even head dim and angles {expected}"
+            )
 
     # -- init ---------------------------------------------------------------------
     @torch.no_grad()
@@ -427,8 +441,9 @@ class ARModel(nn.Module):
                 input is the class embedding plus ``pos_start``.
             labels: class indices ``(b,)`` (no dropout here: pass ``num_classes`` for
                 the unconditional half of guidance).
-            cache: from :meth:`new_cache`; step 0 needs it empty and stores the AdaLN
-                modulation of ``labels`` in it, reused by the later steps.
+            cache: from :meth:`new_cache`; step 0 needs it empty and stores in it the
+                AdaLN modulation of ``labels`` and the position embedding and rotary
+                angles, reused by the later steps.
             step: which step, ``0 <= step < len(unit.step_lengths)``, in order.
 
         Returns:
@@ -447,15 +462,18 @@ class ARModel(nn.Module):
             if inputs is not None:
                 raise VarkitError("step 0 takes no inputs (its input is the class embedding); pass None")
             cond = self.class_embed(labels)
+            # Constant over the generation: computed once, sliced by every step.
             cache.modulation = self._modulations(cond)
+            cache.positions = self.unit.position_embedding()  # (1, l, d)
+            cache.rotary = self._rotary(0, self.step_starts[-1], cond.device)
             x = cond.unsqueeze(1) + self.unit.start_embedding()  # (b, l_0, d)
         else:
             if inputs is None:
                 raise VarkitError(f"step {step} needs its input features (b, {end - start}, c)")
             self._check_features(inputs, b, end - start, f"inputs of step {step}")
             x = self.word_embed(inputs.to(self.word_embed.weight.dtype))  # (b, l_s, d)
-        x = x + self.unit.position_embedding()[:, start:end]
-        rotary = self._rotary(start, end, x.device)
+        x = x + cache.positions[:, start:end]
+        rotary = None if cache.rotary is None else tuple(t[start:end] for t in cache.rotary)
         for i, (block, mod) in enumerate(zip(self.blocks, cache.modulation, strict=False)):
             x = block(x, mod, backend=self.attention, mask=None, rotary=rotary, cache=cache, layer=i)
         cache.advance(end - start)
