@@ -6,25 +6,23 @@ architecture off the tensors' shapes and :func:`convert_official_var` renames ev
 parameter to :class:`~varkit.model.ARModel`'s names for the ``scale`` unit (which owns
 ``unit.pos_start``, ``unit.pos_embed`` and ``unit.level_embed``):
 
-=====================================  ==========================================
-official key                           varkit key
-=====================================  ==========================================
-``pos_start``                          ``unit.pos_start``
-``pos_1LC``                            ``unit.pos_embed``
-``lvl_embed.weight``                   ``unit.level_embed.weight``
-``class_emb.weight``                   ``class_embed.weight``
-``word_embed.{weight,bias}``           ``word_embed.{weight,bias}``
-``blocks.i.attn.mat_qkv.weight``       ``blocks.i.attn.qkv.weight``
-``blocks.i.attn.{q_bias,v_bias}``      ``blocks.i.attn.{q_bias,v_bias}``
-``blocks.i.attn.scale_mul_1H11``       ``blocks.i.attn.scale_mul`` (``(1, nh, 1, 1)`` -> ``(nh,)``)
-``blocks.i.attn.proj.*``               ``blocks.i.attn.proj.*``
-``blocks.i.ffn.fc{1,2}.*``             ``blocks.i.mlp.fc{1,2}.*``
-``blocks.i.ada_lin.1.*``               ``blocks.i.adaln.*``
-``shared_ada_lin.1.*`` (shared AdaLN)  ``shared_adaln.*``
-``blocks.i.ada_gss`` (shared AdaLN)    ``blocks.i.adaln_offset`` (``(1, 1, 6, d)`` -> ``(6, d)``)
-``head_nm.ada_lin.1.*``                ``head_adaln.*``
-``head.*``                             ``head.*``
-=====================================  ==========================================
+| official key | varkit key |
+| --- | --- |
+| ``pos_start`` | ``unit.pos_start`` |
+| ``pos_1LC`` | ``unit.pos_embed`` |
+| ``lvl_embed.weight`` | ``unit.level_embed.weight`` |
+| ``class_emb.weight`` | ``class_embed.weight`` |
+| ``word_embed.{weight,bias}`` | ``word_embed.{weight,bias}`` |
+| ``blocks.i.attn.mat_qkv.weight`` | ``blocks.i.attn.qkv.weight`` |
+| ``blocks.i.attn.{q_bias,v_bias}`` | ``blocks.i.attn.{q_bias,v_bias}`` |
+| ``blocks.i.attn.scale_mul_1H11`` | ``blocks.i.attn.scale_mul`` (``(1, nh, 1, 1)`` -> ``(nh,)``) |
+| ``blocks.i.attn.proj.*`` | ``blocks.i.attn.proj.*`` |
+| ``blocks.i.ffn.fc{1,2}.*`` | ``blocks.i.mlp.fc{1,2}.*`` |
+| ``blocks.i.ada_lin.1.*`` | ``blocks.i.adaln.*`` |
+| ``shared_ada_lin.1.*`` (shared AdaLN) | ``shared_adaln.*`` |
+| ``blocks.i.ada_gss`` (shared AdaLN) | ``blocks.i.adaln_offset`` (``(1, 1, 6, d)`` -> ``(6, d)``) |
+| ``head_nm.ada_lin.1.*`` | ``head_adaln.*`` |
+| ``head.*`` | ``head.*`` |
 
 The buffers are checked, then dropped, because varkit derives them: ``lvl_1L`` (the
 scale of every position; the unit's schedule gives it) must count up from 0 through
