@@ -254,3 +254,35 @@ def test_generated_codes_are_the_units_codes(name):
     # Returned tensors are ordinary ones: training code may use them with autograd.
     loss = tokenizer.codes_to_features(codes).sum()
     loss.backward()
+
+
+def _real_tokenizer(name, **options):
+    cls = registry().get("tokenizer", name)
+    small = dict(
+        image_size=16, ch=16, ch_mult=(1, 1, 2), num_res_blocks=1, norm_groups=8, code_dim=8, vocab_size=32
+    )
+    return cls(cls.Config(**small, **options)).eval()
+
+
+@pytest.mark.parametrize(
+    ("unit_name", "tok_name", "tok_options"),
+    [("scale", "msvq", {"schedule": (1, 2, 3, 4)}), ("token", "vq", {}), ("patch", "vq", {})],
+)
+def test_with_the_real_tokenizers(unit_name, tok_name, tok_options, monkeypatch):
+    torch.manual_seed(0)
+    tokenizer = _real_tokenizer(tok_name, **tok_options)
+    model = tiny_model(unit_name, tokenizer, num_classes=NUM_CLASSES).eval()
+    sampler = _sampler(cfg=1.5, top_k=8, top_p=0.9)
+    labels = torch.tensor([0, 2])
+    a = generate_images(model, tokenizer, sampler, labels, generator=torch.Generator().manual_seed(1))
+    b = generate_images(model, tokenizer, sampler, labels, generator=torch.Generator().manual_seed(1))
+    assert a.shape == (2, 3, 16, 16) and torch.equal(a, b)
+    rec = Recorder(model, monkeypatch)
+    codes, f_hat = generate_codes(
+        model, tokenizer, sampler, labels, generator=torch.Generator().manual_seed(1)
+    )
+    monkeypatch.undo()
+    with torch.no_grad():
+        full = model(model.unit.teacher_forcing(codes, tokenizer), labels)
+        torch.testing.assert_close(f_hat, tokenizer.codes_to_features(codes), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.cat(rec.logits, dim=1)[:2], full, rtol=1e-4, atol=1e-4)
