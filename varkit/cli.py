@@ -63,7 +63,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
 #: Modules that define subcommands next to the code they drive. Each has
 #: ``add_commands(sub, commands)``: it adds its parsers to ``sub`` and its handlers
 #: (``Namespace -> exit status``) to ``commands`` under the subcommand's name.
-COMMAND_MODULES: list[str] = ["varkit.commands"]
+COMMAND_MODULES: list[str] = ["varkit.commands", "varkit.data.cli"]
 
 
 def setup_logging(verbose: bool = False) -> None:

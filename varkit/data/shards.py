@@ -294,7 +294,7 @@ def open_url(url: str):
     try:
         if is_local(url):
             return open(local_path(url), "rb")
-        return wds.gopen.gopen(url, "rb")
+        return wds.gopen(url, "rb")
     except OSError as exc:
         raise DataError(
             f"shard {url} cannot be opened ({exc}); it existed when the run started, so it was "

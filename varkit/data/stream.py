@@ -205,26 +205,37 @@ class _Reader:
                 return
 
     def samples(self, epoch: int, slot: int, slots: int) -> Iterator[tuple[str, str, dict[str, bytes]]]:
-        """The slot's samples ``(url, key, members)``, shuffled; endless for training."""
-        raw = self._raw(epoch, slot, slots)
-        if not self.train or self.shuffle_buffer <= 1:
-            return raw
-        return _shuffled(raw, self.shuffle_buffer, np.random.default_rng([self.seed, epoch, slot, _SHUFFLE]))
+        """The slot's samples ``(url, key, members)``, shuffled; endless for training.
 
-    def _raw(self, epoch: int, slot: int, slots: int) -> Iterator[tuple[str, str, dict[str, bytes]]]:
+        The shuffle buffer drains at the end of each pass over the slot's shards, so a
+        pass never mixes with the next: an epoch that fits in one pass sees each of the
+        slot's samples exactly once.
+        """
+        rng = np.random.default_rng([self.seed, epoch, slot, _SHUFFLE])
+        for shard_pass in self._passes(epoch, slot, slots):
+            if self.train and self.shuffle_buffer > 1:
+                shard_pass = _shuffled(shard_pass, self.shuffle_buffer, rng)
+            yield from shard_pass
+
+    def _passes(
+        self, epoch: int, slot: int, slots: int
+    ) -> Iterator[Iterator[tuple[str, str, dict[str, bytes]]]]:
         for shard_pass in self._shard_passes(epoch, slot, slots):
-            found, index = 0, 0
-            for url, mod, rem in shard_pass:
-                for key, members in iter_samples(url):
-                    index += 1
-                    if (index - 1) % mod == rem:
-                        found += 1
-                        yield url, key, members
-            if found == 0 and self.train:
-                raise DataError(
-                    f"{self.source.field}: reader {slot} of {slots} found no samples in its shards of "
-                    f"{self.source.shards.pattern!r}; the shards are empty"
-                )
+            yield self._read(shard_pass, slot, slots)
+
+    def _read(self, shard_pass, slot: int, slots: int) -> Iterator[tuple[str, str, dict[str, bytes]]]:
+        found, index = 0, 0
+        for url, mod, rem in shard_pass:
+            for key, members in iter_samples(url):
+                index += 1
+                if (index - 1) % mod == rem:
+                    found += 1
+                    yield url, key, members
+        if found == 0 and self.train:
+            raise DataError(
+                f"{self.source.field}: reader {slot} of {slots} found no samples in its shards of "
+                f"{self.source.shards.pattern!r}; the shards are empty"
+            )
 
     # -- one sample ------------------------------------------------------------------
     def _label(self, members: dict[str, bytes]) -> int | str:
