@@ -29,8 +29,8 @@ def schedules(draw, latent=(8, 8)):
     """Strictly growing schedules ending at ``latent`` (square or not)."""
     h, w = latent
     n = draw(st.integers(1, min(h, w)))
-    hs = sorted(draw(st.sets(st.integers(1, h - 1), min_size=n - 1, max_size=n - 1))) + [h]
-    ws = sorted(draw(st.sets(st.integers(1, w - 1), min_size=n - 1, max_size=n - 1))) + [w]
+    hs = [*sorted(draw(st.sets(st.integers(1, h - 1), min_size=n - 1, max_size=n - 1))), h]
+    ws = [*sorted(draw(st.sets(st.integers(1, w - 1), min_size=n - 1, max_size=n - 1))), w]
     return [[a, b] for a, b in zip(hs, ws)]
 
 
@@ -106,7 +106,7 @@ def test_encode_decode_shapes_and_range():
     tok = tiny(schedule=[1, 2, 3, 4, 6, 8])
     codes = tok.encode(images(3))
     assert [tuple(c.shape) for c in codes] == [(3, s, s) for s in (1, 2, 3, 4, 6, 8)]
-    assert all(c.dtype == torch.int64 and 0 <= c.min() and c.max() < 64 for c in codes)
+    assert all(c.dtype == torch.int64 and c.min() >= 0 and c.max() < 64 for c in codes)
     out = tok.decode(codes)
     assert out.shape == (3, 3, 16, 16) and out.min() >= -1 and out.max() <= 1
     assert tok.codebook.shape == (64, 8) and tok.embed(codes[0]).shape == (3, 1, 1, 8)
@@ -141,7 +141,11 @@ def test_registering_builds_nothing(monkeypatch):
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(grids=schedules(), phi=st.sampled_from(["none", "shared", "partial", "per_scale"]), seed=st.integers(0, 99))
+@given(
+    grids=schedules(),
+    phi=st.sampled_from(["none", "shared", "partial", "per_scale"]),
+    seed=st.integers(0, 99),
+)
 def test_features_rebuilt_from_codes_equal_those_of_encoding(grids, phi, seed):
     torch.manual_seed(seed)
     tok = tiny(schedule=grids, phi=phi, phi_convs=2)
@@ -193,7 +197,13 @@ def test_next_input_is_area_downsampling_and_refuses_the_last_scale():
 def test_codebook_entries_quantise_to_themselves(vocab, dim, side, seed):
     gen = torch.Generator().manual_seed(seed)
     quantizer = MultiScaleQuantizer(
-        vocab_size=vocab, code_dim=dim, grids=[(side, side)], phi="partial", phi_convs=4, phi_ratio=0.5, restart_after=0
+        vocab_size=vocab,
+        code_dim=dim,
+        grids=[(side, side)],
+        phi="partial",
+        phi_convs=4,
+        phi_ratio=0.5,
+        restart_after=0,
     )
     with torch.no_grad():
         quantizer.embedding.weight.copy_(torch.randn(vocab, dim, generator=gen))
