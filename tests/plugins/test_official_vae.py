@@ -19,15 +19,12 @@ from varkit import schedule as schedule_mod
 from varkit.errors import CheckpointError
 from varkit_plugins.tokenizers.msvq import MSVQ, load_official_vae, official_vae_config
 
-SHAPES_FILE = Path("/work/shared/reference/var_official_state_dicts.json")
-_LOCAL = Path(__file__).parent / "var_official_state_dicts.json"
+#: Every key and shape of the release's checkpoints (shared with tests/model).
+SHAPES_FILE = Path(__file__).parents[1] / "model" / "data" / "var_official_state_dicts.json"
 
 
 def official_shapes() -> dict[str, list[int]]:
-    for path in (_LOCAL, SHAPES_FILE):
-        if path.is_file():
-            return json.loads(path.read_text())["vae_ch160v4096z32"]
-    pytest.skip("var_official_state_dicts.json is not available")
+    return json.loads(SHAPES_FILE.read_text())["vae_ch160v4096z32"]
 
 
 #: Backbone widths of the release and their narrow stand-ins (160 = ch, 1920 = 3 × 640).
