@@ -325,3 +325,46 @@ def test_wrong_tokenizer_is_a_load_error_not_a_silent_success():
     model = build_model(official_model_config(state), tok)
     with pytest.raises(RuntimeError, match=r"word_embed\.weight"):
         model.load_state_dict(convert_official_var(state), strict=True)
+
+
+# ------------------------------------------------------------------------- end to end
+
+
+def test_release_files_become_a_pipeline_and_a_checkpoint(tmp_path):
+    """Files in the release's format -> varkit.from_official_var -> images; import -> load."""
+    import varkit
+    from varkit.official import import_var
+    from varkit_plugins.tokenizers.msvq import official_vae_config
+
+    vae = MSVQ(
+        MSVQConfig(
+            ch=32,
+            num_res_blocks=1,
+            code_dim=SMALL["code_dim"],
+            vocab_size=SMALL["vocab"],
+            schedule="1,2,3,16",
+        )
+    )
+    # The VAE file says how many scales there are; the release's schedule for that many.
+    schedule = tuple(h for h, _ in official_vae_config(vae.state_dict()).grids)
+    var_state = fake_official_state(schedule=schedule)
+    torch.save(vae.state_dict(), tmp_path / "vae.pth")
+    torch.save(var_state, tmp_path / "var.pth")
+
+    pipe = varkit.from_official_var(tmp_path / "vae.pth", tmp_path / "var.pth")
+    assert pipe.model.config.depth == 2 and pipe.model.unit.step_lengths == tuple(n * n for n in schedule)
+    torch.testing.assert_close(pipe.model.head.weight, var_state["head.weight"])
+    images = pipe.generate([1], seed=0)
+    assert images.shape == (1, 3, 256, 256) and images.min() >= 0 and images.max() <= 1
+
+    loaded = varkit.load(import_var(tmp_path / "vae.pth", tmp_path / "var.pth", tmp_path / "run"))
+    for mine, theirs in ((loaded.model, pipe.model), (loaded.tokenizer, pipe.tokenizer)):
+        expected = theirs.state_dict()
+        assert mine.state_dict().keys() == expected.keys()
+        for key, value in mine.state_dict().items():
+            torch.testing.assert_close(value, expected[key], rtol=0, atol=0)
+
+    var_state.pop("blocks.0.attn.q_bias")
+    torch.save(var_state, tmp_path / "var.pth")
+    with pytest.raises(CheckpointError, match=r"missing: blocks\.0\.attn\.q_bias"):
+        varkit.from_official_var(tmp_path / "vae.pth", tmp_path / "var.pth")
