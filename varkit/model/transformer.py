@@ -321,9 +321,9 @@ class ARModel(nn.Module):
 
         Linears and embeddings: truncated normal with std ``sqrt(1/(3d))``, zero biases
         (truncated at ±2 in absolute value, as VAR does and as the units' embeddings
-        are: with a std near 0.02 the cut never bites). Head weights × ``head_init``. AdaLN output weights × 0.5, except
-        the gate rows (gamma1, gamma2), which are × ``adaln_gamma_init`` so each block
-        starts close to the identity. Attention ``proj`` and MLP ``fc2`` weights ÷
+        are: with a std near 0.02 the cut never bites). Head weights × ``head_init``.
+        AdaLN output weights × 0.5, except the gate rows (gamma1, gamma2), which are ×
+        ``adaln_gamma_init`` so each block starts close to the identity. Attention ``proj`` and MLP ``fc2`` weights ÷
         ``sqrt(2·depth)`` so the residual stream's variance does not grow with depth.
         q/v biases zero; attention temperature ``exp(scale_mul)`` = 4.
         """
