@@ -190,8 +190,13 @@ class PredictionUnit(PluginBase, nn.Module):
         self.config = config
 
     @classmethod
-    def check_tokenizer(cls, tokenizer: Tokenizer) -> list[str]:
-        """Problems pairing this unit with ``tokenizer`` (empty when they fit)."""
+    def check_tokenizer(cls, tokenizer: Tokenizer, config=None) -> list[str]:
+        """Problems pairing this unit with ``tokenizer`` (empty when they fit).
+
+        Recipe validation calls it before anything is built, with the unit's ``config``
+        from the recipe (e.g. to check that a cell size divides the tokenizer's grid).
+        A unit may define it without ``config``; it is then called with the tokenizer alone.
+        """
         return []
 
     @property

@@ -75,7 +75,14 @@ def setup_logging(verbose: bool = False) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser, commands = build_parser()
-    args = parser.parse_args(argv)
+    # Overrides may follow flags (`varkit run R --print train.steps=5`), which argparse
+    # does not gather into one positional list: collect the stray key=value words here.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     setup_logging(args.verbose)
     try:
         return commands[args.command](args)

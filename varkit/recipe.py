@@ -18,6 +18,7 @@ inherited from the base were meant for the other plugin.
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -333,7 +334,9 @@ def _cross_check(values: dict[str, Any], problems: list[Problem]) -> None:
     except (ValueError, TypeError, VarkitError) as exc:
         problems.append(Problem("tokenizer", f"cannot build tokenizer {tok_section.name!r}: {exc}"))
         return
-    for message in unit_section.cls.check_tokenizer(tokenizer):
+    check = unit_section.cls.check_tokenizer
+    accepts_config = "config" in inspect.signature(check).parameters
+    for message in check(tokenizer, config=unit_section.config) if accepts_config else check(tokenizer):
         problems.append(Problem("unit.name", f"unit {unit_section.name!r} with tokenizer {tok_section.name!r}: {message}"))
     data = values["data"]
     image_size = getattr(tokenizer.config, "image_size", None)
