@@ -206,7 +206,9 @@ def _merge(base: Any, child: Any, path: str) -> Any:
         return copy.deepcopy(child)  # another plugin: the base's options were for the old one
     out = copy.deepcopy(base)
     for key, value in child.items():
-        out[key] = _merge(out[key], value, f"{path}.{key}" if path else key) if key in out else copy.deepcopy(value)
+        out[key] = (
+            _merge(out[key], value, f"{path}.{key}" if path else key) if key in out else copy.deepcopy(value)
+        )
     return out
 
 
@@ -232,7 +234,9 @@ def _apply_override(tree: _Tree, keys: list[str], value: Any) -> None:
             child = node[key] = {}
         elif not isinstance(child, dict):
             path = ".".join(keys[: i + 1])
-            raise RecipeError(f"{COMMAND_LINE}: {path}: is {child!r}, not a section; cannot set {'.'.join(keys)}")
+            raise RecipeError(
+                f"{COMMAND_LINE}: {path}: is {child!r}, not a section; cannot set {'.'.join(keys)}"
+            )
         node = child
     last = keys[-1]
     if len(keys) == 2 and keys[0] in PLUGIN_SECTIONS and last == "name" and node.get("name") != value:
@@ -277,8 +281,13 @@ def _build(tree: _Tree, *, source: str) -> Recipe:
     data = tree.data
     for key in data:
         if key not in TOP_LEVEL:
-            problems.append(Problem(key, f"unknown section {key!r}{did_you_mean(str(key), TOP_LEVEL)}; "
-                                         f"the sections are: {', '.join(TOP_LEVEL[1:])}"))
+            problems.append(
+                Problem(
+                    key,
+                    f"unknown section {key!r}{did_you_mean(str(key), TOP_LEVEL)}; "
+                    f"the sections are: {', '.join(TOP_LEVEL[1:])}",
+                )
+            )
     values: dict[str, Any] = {}
     values["out_dir"] = structure(str, data.get("out_dir"), "out_dir", problems)
     values["seed"] = structure(int, data.get("seed", 0), "seed", problems)
@@ -298,10 +307,14 @@ def _plugin_section(kind: str, raw: Any, problems: list[Problem]) -> Any:
     if raw is None and kind in DEFAULT_PLUGINS:
         raw = {"name": DEFAULT_PLUGINS[kind]}
     if raw is None:
-        problems.append(Problem(kind, f"missing section; name the {title} to use, e.g. `{kind}: {{name: ...}}`"))
+        problems.append(
+            Problem(kind, f"missing section; name the {title} to use, e.g. `{kind}: {{name: ...}}`")
+        )
         return None
     if not isinstance(raw, Mapping):
-        problems.append(Problem(kind, f"expected a mapping with `name:` and the {title}'s options, got {raw!r}"))
+        problems.append(
+            Problem(kind, f"expected a mapping with `name:` and the {title}'s options, got {raw!r}")
+        )
         return None
     options = dict(raw)
     name = options.pop("name", None)
@@ -337,15 +350,21 @@ def _cross_check(values: dict[str, Any], problems: list[Problem]) -> None:
     check = unit_section.cls.check_tokenizer
     accepts_config = "config" in inspect.signature(check).parameters
     for message in check(tokenizer, config=unit_section.config) if accepts_config else check(tokenizer):
-        problems.append(Problem("unit.name", f"unit {unit_section.name!r} with tokenizer {tok_section.name!r}: {message}"))
+        problems.append(
+            Problem("unit.name", f"unit {unit_section.name!r} with tokenizer {tok_section.name!r}: {message}")
+        )
     data = values["data"]
     image_size = getattr(tokenizer.config, "image_size", None)
     resolution = getattr(data, "resolution", None)
     if image_size is not None and resolution is not None:
         size = image_size if isinstance(image_size, int) else tuple(image_size)
         if size not in (resolution, (resolution, resolution)):
-            problems.append(Problem("data.resolution", f"is {resolution} but the tokenizer works on {size} px "
-                                                       "images; make them equal"))
+            problems.append(
+                Problem(
+                    "data.resolution",
+                    f"is {resolution} but the tokenizer works on {size} px images; make them equal",
+                )
+            )
     classes = getattr(data, "num_classes", None)
     num_classes = values["model"].num_classes
     if classes is not None and classes > num_classes:

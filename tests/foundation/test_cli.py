@@ -20,7 +20,7 @@ def run_cli(capsys, *argv):
 
 
 def test_every_subcommand_has_help(capsys):
-    parser, commands = build_parser()
+    _parser, commands = build_parser()
     for name in commands:
         with pytest.raises(SystemExit) as info:
             main([name, "--help"])
@@ -46,14 +46,14 @@ def test_version(capsys):
     ],
 )
 def test_bad_input_exits_2_with_a_message(capsys, args, message):
-    code, out, err = run_cli(capsys, *args)
+    code, _out, err = run_cli(capsys, *args)
     assert code == 2
     assert message in err
     assert "Traceback" not in err
 
 
 def test_validate_reports_every_problem_one_line_each(capsys):
-    code, out, err = run_cli(capsys, "validate", str(HERE / "bad_keys.yaml"))
+    code, _out, err = run_cli(capsys, "validate", str(HERE / "bad_keys.yaml"))
     assert code == 2
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 3
@@ -63,14 +63,14 @@ def test_validate_reports_every_problem_one_line_each(capsys):
 def test_print_shows_the_resolved_recipe(capsys):
     import yaml
 
-    code, out, err = run_cli(capsys, "run", str(HERE / "child.yaml"), "--print", "train.steps=5")
+    code, out, _err = run_cli(capsys, "run", str(HERE / "child.yaml"), "--print", "train.steps=5")
     assert code == 0
     data = yaml.safe_load(out)
     assert data["train"]["steps"] == 5 and data["model"]["depth"] == 3 and data["sampler"]["top_k"] == 50
 
 
 def test_plugins_lists_kind_name_distribution_availability(capsys):
-    code, out, err = run_cli(capsys, "plugins")
+    code, out, _err = run_cli(capsys, "plugins")
     assert code == 0
     rows = [line.split() for line in out.splitlines()[1:]]
     assert ["attention", "backend", "sdpa", "varkit", "yes"] in rows

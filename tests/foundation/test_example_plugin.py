@@ -43,7 +43,10 @@ def installed_minp():
 
 def test_varkit_plugins_lists_min_p_with_its_distribution(installed_minp):
     proc = subprocess.run(
-        [sys.executable, "-m", "varkit", "plugins", "--kind", "sampler"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "varkit", "plugins", "--kind", "sampler"],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     rows = [line.split() for line in proc.stdout.splitlines()]
     assert ["sampler", "min_p", "varkit-minp", "yes"] in rows

@@ -66,7 +66,7 @@ def test_missing_file_suggests_the_closest_recipe():
 def test_unknown_section_and_bad_override():
     problems = problems_of(HERE / "base.yaml", ["trian.steps=3"])
     assert any("unknown section 'trian' (did you mean 'train'?)" in p for p in problems)
-    with pytest.raises(RecipeError, match="not of the form key.path=value"):
+    with pytest.raises(RecipeError, match=r"not of the form key\.path=value"):
         recipe_mod.load(HERE / "base.yaml", ["train.steps"])
 
 
@@ -117,7 +117,11 @@ def test_load_resolve_load_is_identity(values):
     r = recipe_mod.load(HERE / "child.yaml", args)
     for key, value in values.items():
         section, _, field = key.partition(".")
-        got = getattr(r, section) if not field else getattr(getattr(r, section).config if section == "sampler" else getattr(r, section), field)
+        got = (
+            getattr(r, section)
+            if not field
+            else getattr(getattr(r, section).config if section == "sampler" else getattr(r, section), field)
+        )
         assert got == pytest.approx(value) if isinstance(value, float) else got == value
     text = recipe_mod.dump_yaml(r.to_dict())
     import yaml

@@ -86,7 +86,9 @@ def test_misspelled_hook_is_rejected():
 
     reg = Registry(load_entry_points=False)
     with pytest.raises(PluginError, match="unknown hook") as info:
-        reg.add(plugin_module("typo", varkit_register_sampler=varkit_register_sampler), distribution="typo-dist")
+        reg.add(
+            plugin_module("typo", varkit_register_sampler=varkit_register_sampler), distribution="typo-dist"
+        )
     assert "typo-dist" in str(info.value)
     assert reg.names("sampler") == []
 
