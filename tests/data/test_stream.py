@@ -169,6 +169,17 @@ def test_a_shard_that_disappears_is_reported(tmp_path, workers):
     assert "Traceback" not in str(info.value)
 
 
+def test_a_truncated_shard_is_reported(tmp_path):
+    pattern = write_id_shards(tmp_path, shards=1, per_shard=20)
+    path = expand(pattern)[0]
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2 + 100)
+    stream = build_train_stream(_id_config(pattern, samples_per_epoch=20), batch_size=2, seed=0)
+    with pytest.raises(DataError, match=r"ids-000000.tar could not be read to the end.*truncated"):
+        for _ in iter(stream):
+            pass
+
+
 def test_pipe_urls_are_read(image_folder, tmp_path):
     from types import SimpleNamespace
 

@@ -51,10 +51,11 @@ class CodeLayout:
     vocab_size: int
     #: Crops stored per image.
     crops: int = 1
+    #: Codes per crop ``l``: the sum of ``h_k · w_k`` (derived; read once per sample).
+    length: int = attrs.field(init=False)
 
-    @property
-    def length(self) -> int:
-        """Codes per crop ``l``: the sum of ``h_k · w_k``."""
+    @length.default
+    def _length(self) -> int:
         return sum(h * w for h, w in self.schedule)
 
     @property

@@ -302,6 +302,65 @@ def open_url(url: str):
         ) from exc
 
 
+class _TarFormatError(Exception):
+    pass
+
+
+def _read_exact(stream, n: int) -> bytes:
+    data = stream.read(n)
+    if len(data) != n:
+        raise EOFError(f"unexpected end of data ({len(data)} of {n} bytes)")
+    return data
+
+
+def tar_members(stream) -> Iterator[tuple[str, bytes]]:
+    """``(name, data)`` of the regular files of a tar stream, in order.
+
+    A lean reader of what tar writers produce (ustar, GNU long names, pax ``path``
+    records): Python's ``tarfile`` spends most of a code-shard epoch parsing headers;
+    this reads a header with two slices.
+    """
+    long_name = None
+    while True:
+        header = stream.read(512)
+        if not header or header == _ZERO_BLOCK:
+            return
+        if len(header) != 512:
+            raise EOFError("unexpected end of data inside a tar header")
+        field = header[124:136]
+        try:
+            size = (
+                int.from_bytes(field[1:], "big") if field[0] & 0x80 else int(field.strip(b"\0 ") or b"0", 8)
+            )
+        except ValueError:
+            raise _TarFormatError(f"bad tar header (size field {field!r})") from None
+        kind = header[156:157]
+        data = _read_exact(stream, size) if size else b""
+        if size % 512:
+            _read_exact(stream, 512 - size % 512)
+        if kind == b"L":  # GNU long name of the next member
+            long_name = data.rstrip(b"\0").decode("utf-8", "replace")
+            continue
+        if kind == b"x":  # pax header: only the path matters here
+            for record in data.decode("utf-8", "replace").split("\n"):
+                if " path=" in record:
+                    long_name = record.split(" path=", 1)[1]
+            continue
+        if kind not in (b"0", b"\0", b"7"):  # directories, links, global headers
+            long_name = None
+            continue
+        if long_name is not None:
+            name, long_name = long_name, None
+        else:
+            name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+            if header[257:262] == b"ustar" and header[345] != 0:
+                name = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace") + "/" + name
+        yield name, data
+
+
+_ZERO_BLOCK = bytes(512)
+
+
 def iter_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
     """The samples of one shard in file order: ``(key, {ext: bytes})``.
 
@@ -314,23 +373,19 @@ def iter_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
     key, members = None, {}
     complete = False
     try:
-        with tarfile.open(fileobj=stream, mode="r|") as tar:
-            for member in tar:
-                if not member.isreg():
-                    continue
-                parts = split_name(member.name)
-                if parts is None:
-                    continue
-                data = tar.extractfile(member).read()
-                if parts[0] != key:
-                    if key is not None:
-                        yield key, members
-                    key, members = parts[0], {}
-                members[parts[1]] = data
+        for name, data in tar_members(stream):
+            parts = split_name(name)
+            if parts is None:
+                continue
+            if parts[0] != key:
+                if key is not None:
+                    yield key, members
+                key, members = parts[0], {}
+            members[parts[1]] = data
         complete = True
         if key is not None:
             yield key, members
-    except (OSError, tarfile.TarError, EOFError) as exc:
+    except (OSError, EOFError, _TarFormatError) as exc:
         raise DataError(
             f"shard {url} could not be read to the end ({type(exc).__name__}: {exc}); it is truncated "
             "or corrupt: write it again with `varkit shards`, or leave it out of the pattern"
