@@ -123,3 +123,29 @@ def test_torchrun_two_gloo_processes_match_one_process(tmp_path, synthetic_cache
     b = ck.load_weights(ck.latest_checkpoint(single_out), "model")
     moved = sum((a[k] - b[k]).abs().sum() for k in a) / sum(b[k].abs().sum() for k in b)
     assert moved < 0.05  # both trained from the same start by the same number of similar steps
+
+
+def test_torchrun_fsdp_trains_checkpoints_and_resumes(tmp_path, synthetic_cache):
+    out = tmp_path / "fsdp"
+    sections = {
+        "train": {"steps": 2, "distributed": "fsdp", "ema": 0.9, "checkpoint_every": 0, "log_every": 1}
+    }
+    recipe = _recipe_file(tmp_path, out, synthetic_cache, **sections)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    for steps in (2, 3):  # the second run resumes the first and goes one step further
+        done = subprocess.run(
+            [*torchrun, "-m", "varkit", "run", str(recipe), f"train.steps={steps}"],
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr[-4000:]
+    assert "resuming from step 2" in done.stderr
+    step_dir = ck.latest_checkpoint(out)
+    assert step_dir.name == "step-0000003"
+    state = ck.load_trainer_state(step_dir)
+    assert state["optimizer"]["state"], "the gathered optimizer state is empty"
+    import varkit
+
+    assert varkit.load(out).generate([0], seed=0).shape == (1, 3, 16, 16)  # the EMA weights, whole

@@ -143,6 +143,10 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if is_sharded(tensor) else tensor
 
 
+#: Block methods the model calls outside ``block.forward``; FSDP gathers weights for them too.
+BLOCK_METHODS_OUTSIDE_FORWARD = ("modulation",)
+
+
 def wrap_model(model: nn.Module, env: DistEnv, mode: str) -> nn.Module:
     """The module to run forward and backward through.
 
@@ -158,10 +162,15 @@ def wrap_model(model: nn.Module, env: DistEnv, mode: str) -> nn.Module:
         device_ids = [env.device.index] if env.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
     if mode == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
         for block in getattr(model, "blocks", ()):
             fully_shard(block)
+            # The transformer computes every block's AdaLN modulation before running the
+            # blocks; FSDP must gather a block's weights for that method too.
+            for method in BLOCK_METHODS_OUTSIDE_FORWARD:
+                if hasattr(block, method):
+                    register_fsdp_forward_method(block, method)
         fully_shard(model)
         return model
     raise ValueError(f"unknown distributed mode {mode!r}; use ddp or fsdp")
