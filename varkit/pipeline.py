@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -195,8 +196,12 @@ def load_tokenizer_weights(tokenizer: Tokenizer, path: str | os.PathLike) -> Non
     load_state(tokenizer, state, what=f"tokenizer weights {path}")
 
 
-def load_state(module: torch.nn.Module, state: dict[str, torch.Tensor], *, what: str) -> None:
-    """``load_state_dict(strict=True)`` with an error that names the keys that differ."""
+def check_state_dict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], *, what: str) -> None:
+    """Raise :class:`CheckpointError` naming the keys unless ``state`` fits ``module`` exactly.
+
+    Every key of ``module.state_dict()`` must be in ``state`` with the same shape, and
+    ``state`` must hold no other key.
+    """
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -205,11 +210,16 @@ def load_state(module: torch.nn.Module, state: dict[str, torch.Tensor], *, what:
         for k in sorted(set(own) & set(state))
         if tuple(own[k].shape) != tuple(state[k].shape)
     ]
-    if missing or unexpected or mismatched:
-        parts = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("mismatched shapes", mismatched)):
-            if keys:
-                shown = ", ".join(keys[:10]) + (f" ... ({len(keys)} in all)" if len(keys) > 10 else "")
-                parts.append(f"{label}: {shown}")
+    parts = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("mismatched shapes", mismatched)):
+        if keys:
+            shown = ", ".join(keys[:10]) + (f" ... ({len(keys)} in all)" if len(keys) > 10 else "")
+            parts.append(f"{label}: {shown}")
+    if parts:
         raise CheckpointError(f"{what} do not fit the model ({'; '.join(parts)})")
+
+
+def load_state(module: torch.nn.Module, state: dict[str, torch.Tensor], *, what: str) -> None:
+    """``load_state_dict(strict=True)`` with an error that names the keys that differ."""
+    check_state_dict(module, state, what=what)
     module.load_state_dict(state, strict=True)

@@ -259,6 +259,8 @@ def load_official_vae(
     Raises:
         CheckpointError: naming the missing, unexpected and mismatched keys.
     """
+    from varkit.pipeline import check_state_dict
+
     config = official_vae_config(state, **overrides)
     with torch.device("meta"):
         model = MSVQ(config)
@@ -268,20 +270,3 @@ def load_official_vae(
     return model.to(device).eval()
 
 
-def check_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], *, what: str) -> None:
-    """Raise CheckpointError unless ``state`` has exactly ``model``'s keys and shapes."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    mismatched = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in sorted(set(own) & set(state))
-        if tuple(own[k].shape) != tuple(state[k].shape)
-    ]
-    parts = []
-    for label, keys in (("missing", missing), ("unexpected", unexpected), ("mismatched shapes", mismatched)):
-        if keys:
-            shown = ", ".join(keys[:10]) + (f" ... ({len(keys)} in all)" if len(keys) > 10 else "")
-            parts.append(f"{label}: {shown}")
-    if parts:
-        raise CheckpointError(f"{what} does not fit the msvq tokenizer ({'; '.join(parts)})")
