@@ -11,7 +11,9 @@ from varkit.errors import VarkitError
 
 log = logging.getLogger(__name__)
 
-OVERRIDE_HELP = "overrides key.path=value, read as YAML (e.g. train.steps=20 sampler.name=greedy out_dir=/tmp/run)"
+OVERRIDE_HELP = (
+    "overrides key.path=value, read as YAML (e.g. train.steps=20 sampler.name=greedy out_dir=/tmp/run)"
+)
 
 
 def add_commands(sub: argparse._SubParsersAction, commands: dict) -> None:
@@ -25,7 +27,9 @@ def add_commands(sub: argparse._SubParsersAction, commands: dict) -> None:
     p.add_argument("recipe", help="recipe YAML file")
     p.add_argument("overrides", nargs="*", help=OVERRIDE_HELP)
     p.add_argument("--print", action="store_true", help="print the fully resolved recipe and exit")
-    p.add_argument("--force", action="store_true", help="use out_dir even if it holds a run of another recipe")
+    p.add_argument(
+        "--force", action="store_true", help="use out_dir even if it holds a run of another recipe"
+    )
     commands["run"] = _run
 
     p = sub.add_parser(
@@ -60,6 +64,22 @@ def add_commands(sub: argparse._SubParsersAction, commands: dict) -> None:
     commands["sample"] = _sample
 
     p = sub.add_parser(
+        "eval",
+        help="validation loss, accuracy and codebook usage of a run",
+        description="Teacher-forced cross-entropy, perplexity and accuracy (overall and per step group) "
+        "and the tokenizer's reconstruction error and codebook usage on the recipe's validation images "
+        "(data.val_shards, or the synthetic val split). For FID, sample with `varkit sample` and give "
+        "samples.npz to an evaluator.",
+    )
+    p.add_argument("checkpoint", help="run directory, checkpoint directory, or `varkit import` output")
+    p.add_argument("--max-images", type=int, help="stop after this many validation images (default: all)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights even when EMA weights exist")
+    p.add_argument("--out", help="also write the metrics to this JSON file")
+    commands["eval"] = _eval
+
+    p = sub.add_parser(
         "import",
         help="convert foreign checkpoints (the official VAR release) to varkit checkpoints",
         description="Read foreign checkpoint files with torch.load(weights_only=True) and write a varkit "
@@ -68,7 +88,9 @@ def add_commands(sub: argparse._SubParsersAction, commands: dict) -> None:
     isub = p.add_subparsers(dest="format", metavar="FORMAT", required=True)
     q = isub.add_parser("var", help="the official VAR release (vae_ch160v4096z32.pth + var_dN.pth)")
     q.add_argument("--vae", required=True, help="path of vae_ch160v4096z32.pth")
-    q.add_argument("--var", required=True, help="path of var_d16.pth / var_d20.pth / var_d24.pth / var_d30.pth")
+    q.add_argument(
+        "--var", required=True, help="path of var_d16.pth / var_d20.pth / var_d24.pth / var_d30.pth"
+    )
     q.add_argument("--out", required=True, help="output checkpoint directory")
     commands["import"] = _import
 
@@ -111,7 +133,9 @@ def _sample(args: argparse.Namespace) -> int:
     try:
         classes = [int(c) for c in args.classes.split(",") if c.strip()]
     except ValueError:
-        raise VarkitError(f"--classes {args.classes!r} must be comma-separated integers, e.g. 0,1,2") from None
+        raise VarkitError(
+            f"--classes {args.classes!r} must be comma-separated integers, e.g. 0,1,2"
+        ) from None
     if not classes or args.per_class < 1:
         raise VarkitError("give at least one class and --per-class >= 1")
     out = sample_to_dir(
@@ -130,6 +154,26 @@ def _sample(args: argparse.Namespace) -> int:
         ema=not args.no_ema,
     )
     print(out)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from varkit.evaluate import evaluate, write_report
+
+    if args.max_images is not None and args.max_images < 1:
+        raise VarkitError(f"--max-images must be at least 1, got {args.max_images}")
+    metrics = evaluate(
+        args.checkpoint,
+        batch_size=args.batch_size,
+        max_images=args.max_images,
+        device=args.device,
+        ema=not args.no_ema,
+    )
+    width = max(map(len, metrics))
+    for key, value in metrics.items():
+        print(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+    if args.out:
+        write_report(metrics, Path(args.out))
     return 0
 
 
