@@ -7,6 +7,7 @@ import logging
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from train_helpers import tiny_recipe, tiny_recipe_dict
 
@@ -51,6 +52,18 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, fake_stream, monkeypatch
     losses = lambda d: [r["loss"] for r in read_metrics(d / "metrics.jsonl") if "loss" in r]  # noqa: E731
     assert losses(tmp_path / "a") == losses(tmp_path / "b")  # the killed run's lines were replaced
     assert len(losses(tmp_path / "b")) == 6
+
+
+def test_cli_trains_twice_in_one_process(tmp_path, fake_stream):
+    # A notebook or a test calls ``varkit run`` more than once: the second call must find
+    # the same entry point (importing the implementation once must not shadow it).
+    from varkit.cli import main
+
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe_dict(tmp_path / "a")))
+    assert main(["run", str(path)]) == 0
+    assert main(["run", str(path), f"out_dir={tmp_path / 'b'}"]) == 0
+    assert ck.latest_checkpoint(tmp_path / "b").name == "step-0000006"
 
 
 def test_outputs_of_a_run(tmp_path, fake_stream):

@@ -12,7 +12,7 @@ __all__ = ["TrainConfig", "run"]
 
 
 def run(recipe, *, force: bool = False):
-    """Train what ``recipe`` describes; see :func:`varkit.train.run.run`."""
-    from varkit.train.run import run as _run
+    """Train what ``recipe`` describes; see :func:`varkit.train.runner.run`."""
+    from varkit.train.runner import run as _run
 
     return _run(recipe, force=force)
