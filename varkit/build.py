@@ -15,7 +15,9 @@ from varkit.recipe import Recipe
 log = logging.getLogger(__name__)
 
 
-def build_tokenizer(recipe: Recipe, *, device: torch.device | str = "cpu", load_weights: bool = True) -> Tokenizer:
+def build_tokenizer(
+    recipe: Recipe, *, device: torch.device | str = "cpu", load_weights: bool = True
+) -> Tokenizer:
     """The recipe's tokenizer; with ``tokenizer.weights`` set, those weights loaded."""
     section = recipe.tokenizer
     tokenizer = section.cls(section.config).to(device)

@@ -101,12 +101,17 @@ def structure(tp: Any, value: Any, path: str, problems: list[Problem]) -> Any:
             items = args[0:1] * len(value) if len(args) == 2 and args[1] is Ellipsis else args
             if len(items) == len(value):
                 before = len(problems)
-                out = tuple(structure(t, v, f"{path}[{i}]", problems) for i, (t, v) in enumerate(zip(items, value)))
+                out = tuple(
+                    structure(t, v, f"{path}[{i}]", problems) for i, (t, v) in enumerate(zip(items, value))
+                )
                 return out if len(problems) == before else _MISSING
     elif origin is dict:
         key_t, val_t = typing.get_args(tp) or (Any, Any)
         if isinstance(value, Mapping):
-            return {structure(key_t, k, path, problems): structure(val_t, v, f"{path}.{k}", problems) for k, v in value.items()}
+            return {
+                structure(key_t, k, path, problems): structure(val_t, v, f"{path}.{k}", problems)
+                for k, v in value.items()
+            }
     elif tp is bool:
         if isinstance(value, bool):
             return value
@@ -146,7 +151,10 @@ def structure_attrs(cls: type, value: Any, path: str, problems: list[Problem]) -
         if key not in fields or not fields[key].init:
             valid = [n for n, f in fields.items() if f.init]
             problems.append(
-                Problem(sub, f"unknown key {key!r}{did_you_mean(str(key), valid)}; valid keys here: {', '.join(valid) or 'none'}")
+                Problem(
+                    sub,
+                    f"unknown key {key!r}{did_you_mean(str(key), valid)}; valid keys here: {', '.join(valid) or 'none'}",
+                )
             )
             continue
         out = structure(types_[key], item, sub, problems)

@@ -89,7 +89,11 @@ def from_official_var(
     recipe = recipe_mod.from_dict(official_recipe(tokenizer.config, model_config), source=str(var_ckpt))
     model = build_model(recipe, tokenizer)
     load_state(model, convert_official_var(var_state), what=f"VAR checkpoint {var_ckpt}")
-    log.info("official VAR d%d with %.1fM parameters", model_config.depth, sum(p.numel() for p in model.parameters()) / 1e6)
+    log.info(
+        "official VAR d%d with %.1fM parameters",
+        model_config.depth,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+    )
     return Pipeline(tokenizer, model, recipe=recipe).to(device)
 
 

@@ -30,7 +30,9 @@ class Pipeline:
         recipe: the recipe the model was trained with, when known.
     """
 
-    def __init__(self, tokenizer: Tokenizer, model: torch.nn.Module, *, sampler: Sampler | None = None, recipe=None):
+    def __init__(
+        self, tokenizer: Tokenizer, model: torch.nn.Module, *, sampler: Sampler | None = None, recipe=None
+    ):
         self.tokenizer = tokenizer.eval()
         self.model = model.eval()
         self.recipe = recipe

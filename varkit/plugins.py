@@ -141,7 +141,9 @@ class Registry:
         except Exception as exc:
             self._rollback(plugin, added)
             log.warning("plugin distribution %r failed to register: %r", distribution, exc)
-            self.broken.append(Broken(distribution, f"plugin {plugin_name!r}", f"registration failed: {exc!r}"))
+            self.broken.append(
+                Broken(distribution, f"plugin {plugin_name!r}", f"registration failed: {exc!r}")
+            )
 
     def _rollback(self, plugin: object, added: list[Entry]) -> None:
         for entry in added:
@@ -193,9 +195,11 @@ class Registry:
             names = ", ".join(sorted(entries)) or "none"
             broken = ""
             if self.broken:
-                broken = " Broken plugin distributions: " + ", ".join(
-                    f"{b.distribution} ({b.error})" for b in self.broken
-                ) + "."
+                broken = (
+                    " Broken plugin distributions: "
+                    + ", ".join(f"{b.distribution} ({b.error})" for b in self.broken)
+                    + "."
+                )
             raise PluginError(
                 f"unknown {title} {name!r}{did_you_mean(name, entries)}. "
                 f"The {title}s registered are: {names}. `varkit plugins` lists them all.{broken}"

@@ -58,7 +58,15 @@ def sample_to_dir(
     for i, start in enumerate(tqdm(range(0, len(labels), batch_size), desc="sampling", unit="batch")):
         batch = labels[start : start + batch_size]
         chunks.append(
-            pipe.generate(batch, cfg=cfg, top_k=top_k, top_p=top_p, seed=seed + i, more_smooth=more_smooth, sampler=sampler).cpu()
+            pipe.generate(
+                batch,
+                cfg=cfg,
+                top_k=top_k,
+                top_p=top_p,
+                seed=seed + i,
+                more_smooth=more_smooth,
+                sampler=sampler,
+            ).cpu()
         )
     images = torch.cat(chunks)
     out.mkdir(parents=True, exist_ok=True)

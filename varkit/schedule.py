@@ -35,8 +35,10 @@ def parse(spec: Sequence[int | Sequence[int]]) -> tuple[Grid, ...]:
             raise RecipeError(f"schedule entry {entry!r} is not a size; use an int or [h, w]")
         if isinstance(entry, int):
             grids.append((entry, entry))
-        elif isinstance(entry, Sequence) and len(entry) == 2 and all(
-            isinstance(v, int) and not isinstance(v, bool) for v in entry
+        elif (
+            isinstance(entry, Sequence)
+            and len(entry) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in entry)
         ):
             grids.append((int(entry[0]), int(entry[1])))
         else:
@@ -59,9 +61,7 @@ def validate(grids: Sequence[Grid], latent: Grid | None = None) -> list[str]:
             problems.append(f"scale {h}x{w} has a size below 1")
     for (h0, w0), (h1, w1) in itertools.pairwise(grids):
         if h1 < h0 or w1 < w0 or (h1, w1) == (h0, w0):
-            problems.append(
-                f"scales must grow from coarse to fine, but {h0}x{w0} is followed by {h1}x{w1}"
-            )
+            problems.append(f"scales must grow from coarse to fine, but {h0}x{w0} is followed by {h1}x{w1}")
     if latent is not None and tuple(grids[-1]) != tuple(latent):
         h, w = grids[-1]
         problems.append(
@@ -101,9 +101,7 @@ def default(latent: int | Grid, num_scales: int | None = None) -> tuple[Grid, ..
     side = max(h, w)
     n = num_scales if num_scales is not None else min(10, side)
     if n < 1 or n > side:
-        raise RecipeError(
-            f"cannot make {n} strictly growing scales ending at {h}x{w}; use 1..{side} scales"
-        )
+        raise RecipeError(f"cannot make {n} strictly growing scales ending at {h}x{w}; use 1..{side} scales")
     if (h, w) == (16, 16) and n == 10:
         return tuple((s, s) for s in VAR_256)
     if (h, w) == (32, 32) and n == 10:

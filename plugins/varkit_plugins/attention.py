@@ -86,7 +86,9 @@ class FlexAttention(varkit.AttentionBackend):
         if self._kernel is None:
             from torch.nn.attention.flex_attention import flex_attention
 
-            self._kernel = torch.compile(flex_attention, dynamic=False) if self.config.compile else flex_attention
+            self._kernel = (
+                torch.compile(flex_attention, dynamic=False) if self.config.compile else flex_attention
+            )
         return self._kernel
 
     def attend(self, q, k, v, *, mask: BlockCausal | None, scale: float) -> torch.Tensor:

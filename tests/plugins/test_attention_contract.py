@@ -52,8 +52,12 @@ def _reference(q, k, v, mask, scale):
 def test_math_matches_position_by_position_reference():
     mask = BlockCausal((1, 3, 2, 4))
     q, k, v = _qkv(2, 3, 10, 10, 8)
-    torch.testing.assert_close(MathAttention().attend(q, k, v, mask=mask, scale=0.4).double(),
-                               _reference(q, k, v, mask, 0.4), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        MathAttention().attend(q, k, v, mask=mask, scale=0.4).double(),
+        _reference(q, k, v, mask, 0.4),
+        atol=1e-5,
+        rtol=1e-5,
+    )
 
 
 def test_math_mask_hides_later_steps():
@@ -78,7 +82,9 @@ def test_backend_matches_math_block_causal(name, lengths, heads, scale):
     mask = BlockCausal(lengths)
     q, k, v = _qkv(2, heads, mask.seq_len, mask.seq_len, 16)
     expected = MathAttention().attend(q, k, v, mask=mask, scale=scale)
-    torch.testing.assert_close(backend.attend(q, k, v, mask=mask, scale=scale), expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        backend.attend(q, k, v, mask=mask, scale=scale), expected, atol=1e-5, rtol=1e-4
+    )
 
 
 @pytest.mark.parametrize("name", AVAILABLE)
@@ -89,7 +95,9 @@ def test_backend_matches_math_cached_decoding(name, lq, extra):
     backend = registry().get("attention", name)()
     q, k, v = _qkv(2, 2, lq, lq + extra, 16)
     expected = MathAttention().attend(q, k, v, mask=None, scale=0.125)
-    torch.testing.assert_close(backend.attend(q, k, v, mask=None, scale=0.125), expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        backend.attend(q, k, v, mask=None, scale=0.125), expected, atol=1e-5, rtol=1e-4
+    )
 
 
 @pytest.mark.parametrize("name", AVAILABLE)
@@ -100,8 +108,10 @@ def test_backend_plain_causal_mask(name):
     assert mask.is_causal
     q, k, v = _qkv(2, 2, 12, 12, 16)
     torch.testing.assert_close(
-        backend.attend(q, k, v, mask=mask, scale=0.3), MathAttention().attend(q, k, v, mask=mask, scale=0.3),
-        atol=1e-5, rtol=1e-4,
+        backend.attend(q, k, v, mask=mask, scale=0.3),
+        MathAttention().attend(q, k, v, mask=mask, scale=0.3),
+        atol=1e-5,
+        rtol=1e-4,
     )
 
 
@@ -126,7 +136,9 @@ def test_flex_arithmetic_on_cpu(lengths, lq):
         warnings.simplefilter("ignore", UserWarning)  # "called without torch.compile"
         out = backend.attend(q, k, v, mask=mask, scale=0.5)
         cached = backend.attend(q[:, :, :lq], k, v, mask=None, scale=0.5)
-    torch.testing.assert_close(out, MathAttention().attend(q, k, v, mask=mask, scale=0.5), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        out, MathAttention().attend(q, k, v, mask=mask, scale=0.5), atol=1e-5, rtol=1e-4
+    )
     torch.testing.assert_close(
         cached, MathAttention().attend(q[:, :, :lq], k, v, mask=None, scale=0.5), atol=1e-5, rtol=1e-4
     )

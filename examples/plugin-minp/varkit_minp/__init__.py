@@ -20,7 +20,9 @@ class MinP(varkit.Sampler):
     @attrs.frozen(kw_only=True)
     class Config:
         #: relative probability floor; 0.05-0.1 keeps diversity while cutting the tail.
-        min_p: float = attrs.field(default=0.05, validator=attrs.validators.and_(attrs.validators.ge(0.0), attrs.validators.le(1.0)))
+        min_p: float = attrs.field(
+            default=0.05, validator=attrs.validators.and_(attrs.validators.ge(0.0), attrs.validators.le(1.0))
+        )
         #: classifier-free guidance, ramped linearly over steps as in VAR.
         cfg: float = 1.5
         #: softmax temperature.

@@ -268,5 +268,3 @@ def load_official_vae(
     model.load_state_dict(dict(state), strict=True, assign=True)
     model.quantize.reset_bookkeeping()
     return model.to(device).eval()
-
-
