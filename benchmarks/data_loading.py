@@ -22,13 +22,13 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from _common import cpu_model
 from PIL import Image, ImageDraw
 
 from varkit.data import DataConfig, build_train_stream, transforms
@@ -112,16 +112,6 @@ def write_code_shards(directory: Path, n: int) -> str:
         codes = rng.integers(0, 4096, (10, layout.length), dtype=np.uint16)
         sink.write(f"{i:07d}", {"u16": codes.astype("<u2").tobytes(), "cls": str(i % 1000).encode()})
     return sink.close(layout.meta()).pattern
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:
