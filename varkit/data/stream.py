@@ -339,7 +339,9 @@ class _Reader:
         if self.source.kind == "codes":
             out["codes"] = torch.from_numpy(np.stack(items).astype(np.int64))  # (b, l)
         else:
-            out["images"] = transforms.to_model_range(np.stack(items))  # (b, 3, R, R)
+            # uint8 (b, R, R, 3): a quarter of the bytes a worker hands over; _batch
+            # converts to the model's float range in the consuming process.
+            out["images"] = torch.from_numpy(np.stack(items))
         return out
 
 
@@ -415,9 +417,9 @@ def _clean(exc: DataError) -> DataError:
 
 
 def _batch(item: dict, layout: CodeLayout | None) -> Batch:
-    codes = item["codes"]
+    codes, images = item["codes"], item["images"]
     return Batch(
-        images=item["images"],
+        images=None if images is None else transforms.to_model_range(images.numpy()),
         codes=None if codes is None else split_codes(codes, layout.schedule),
         labels=item["labels"],
     )
