@@ -98,6 +98,21 @@ def test_outputs_of_a_run(tmp_path, fake_stream):
         assert grid.shape == (2 * 18 + 2, 2 * 18 + 2, 3)  # 2 classes × 2 images of 16 px, 2 px padding
 
 
+def test_tensorboard_events_mirror_metrics_jsonl(tmp_path, fake_stream):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    out = tmp_path / "run"
+    run(tiny_recipe(out, train={"tensorboard": True}))
+    events = event_accumulator.EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert {"ar/loss", "ar/lr", "ar/grad_norm", "ar/loss/s0", "ar/sample_class_accuracy"} <= set(
+        events.Tags()["scalars"]
+    )
+    logged = [(r["step"], r["loss"]) for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    written = [(e.step, e.value) for e in events.Scalars("ar/loss")]
+    assert [s for s, _ in written] == [s for s, _ in logged]
+    assert [v for _, v in written] == pytest.approx([v for _, v in logged], rel=1e-6)
+
+
 def test_nan_loss_stops_with_the_step_and_keeps_last_good_checkpoint(tmp_path, fake_stream, monkeypatch):
     import varkit.train.ar as ar
 
