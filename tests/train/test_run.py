@@ -54,6 +54,23 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, fake_stream, monkeypatch
     assert len(losses(tmp_path / "b")) == 6
 
 
+def test_rerun_after_a_crash_before_the_first_checkpoint_keeps_no_stale_metrics(
+    tmp_path, fake_stream, monkeypatch
+):
+    def crash(self):
+        raise KeyboardInterrupt  # killed before the first checkpoint was written
+
+    monkeypatch.setattr(ARTrainer, "_save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_recipe(tmp_path))
+    assert ck.latest_checkpoint(tmp_path) is None
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]  # lines were written
+    monkeypatch.undo()
+    run(tiny_recipe(tmp_path))  # starts again from step 0
+    steps = [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
 def test_cli_trains_twice_in_one_process(tmp_path, fake_stream):
     # A notebook or a test calls ``varkit run`` more than once: the second call must find
     # the same entry point (importing the implementation once must not shadow it).

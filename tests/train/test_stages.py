@@ -39,9 +39,12 @@ def test_tokenizer_stage_then_ar_stage(tmp_path, fake_stream, caplog):
     shipped = ck.load_weights(ck.latest_checkpoint(out), "tokenizer")
     assert all(torch.equal(trained[k], shipped[k]) for k in trained)
     # running again finds both stages done
+    before = read_metrics(out / "metrics.jsonl")
     with caplog.at_level(logging.INFO, logger="varkit.train"):
         run(recipe)
     assert "trained already" in caplog.text and "resuming from step 2" in caplog.text
+    assert "AR: trained already" in caplog.text
+    assert read_metrics(out / "metrics.jsonl") == before  # nothing redone, nothing logged twice
 
 
 @pytest.mark.parametrize("unit", ["token", "patch"])

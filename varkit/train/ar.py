@@ -21,7 +21,6 @@ from torch import nn
 
 from varkit.build import build_model, build_sampler
 from varkit.checkpoint import (
-    checkpoint_step,
     latest_checkpoint,
     load_trainer_state,
     load_weights,
@@ -96,6 +95,8 @@ class ARTrainer:
         self.total = cfg.total_steps(getattr(self.stream, "samples_per_epoch", None))
 
         self.step = 0
+        self.step_dir: Path | None = None  # the latest checkpoint, once there is one
+        self._pending_rng: dict[str, Any] | None = None
         trainer_state = self._resume_weights()
         self.net = D.wrap_model(self.model, env, cfg.distributed)
         if cfg.compile:
@@ -103,7 +104,7 @@ class ARTrainer:
         self.ema = EMA(self.model, cfg.ema) if cfg.ema is not None else None
         self.optimizer = build_adamw(param_groups(self.model, cfg.weight_decay), cfg, device)
         self.scaler = self.precision.scaler()
-        if trainer_state is not None:
+        if trainer_state is not None and self.step < self.total:
             self._resume_state(trainer_state)
 
     # ---------------------------------------------------------------- resume
@@ -139,19 +140,21 @@ class ARTrainer:
     # ------------------------------------------------------------------ loop
     def train(self) -> Path | None:
         """Run the remaining steps, checkpoint, sample; returns the final checkpoint directory."""
+        if self.step_dir is not None and self.step >= self.total:
+            log.info("AR: trained already (%s)", self.step_dir)
+            return self.step_dir
         cfg, env, device = self.cfg, self.env, self.env.device
         metrics = MetricsLog(
             self.out_dir / "metrics.jsonl",
             enabled=env.main,
             tensorboard_dir=self.out_dir / "tensorboard" if cfg.tensorboard else None,
-            resume_step=self.step if self.step else None,
+            resume_step=self.step,
         )
         batches = Batches(self.stream)
         batches.start()
         # RNG last: creating the iterator above may draw from it, as it did in the first run.
-        pending = getattr(self, "_pending_rng", None)
-        if pending is not None:
-            restore_process_rng(pending, env)
+        if self._pending_rng is not None:
+            restore_process_rng(self._pending_rng, env)
         else:
             seed_everything(self.recipe.seed + 1 + env.rank)  # dropout etc. differ per rank
 
@@ -165,19 +168,18 @@ class ARTrainer:
         progress = Progress("ar", total=self.total, start=self.step, enabled=env.main)
         flops = self.model.flops_per_image(training=True) if hasattr(self.model, "flops_per_image") else None
         peak = peak_flops(device)
-        last_saved = checkpoint_step(self.step_dir) if hasattr(self, "step_dir") else None
-        last_good = str(self.step_dir) if hasattr(self, "step_dir") else None
-        if self.step < self.total:
-            log.info(
-                "training %d steps of batch %d (%d per process × %d accumulation × %d processes), "
-                "%.3gM parameters",
-                self.total - self.step,
-                cfg.batch_size,
-                self.micro,
-                cfg.grad_accum,
-                env.world_size,
-                sum(p.numel() for p in self.model.parameters()) / 1e6,
-            )
+        last_saved = self.step if self.step_dir is not None else None
+        last_good = str(self.step_dir) if self.step_dir is not None else None
+        log.info(
+            "training %d steps of batch %d (%d per process × %d accumulation × %d processes), "
+            "%.3gM parameters",
+            self.total - self.step,
+            cfg.batch_size,
+            self.micro,
+            cfg.grad_accum,
+            env.world_size,
+            sum(p.numel() for p in self.model.parameters()) / 1e6,
+        )
         self.model.train()
         t_window = time.perf_counter()
         try:
