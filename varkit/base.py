@@ -164,8 +164,10 @@ class TokenizerLosses:
     generator: torch.Tensor
     #: Loss of the discriminator alone, or None when there is none (or before it starts).
     discriminator: torch.Tensor | None
-    #: Scalars to log, e.g. ``{"rec": 0.1, "vq": 0.02, "usage/0": 0.9}``.
-    metrics: dict[str, float]
+    #: Scalars to log, e.g. ``{"rec": 0.1, "vq": 0.02, "usage/0": 0.9}``: floats or 0-dim
+    #: tensors; tensors are best, as the trainer reads them only at log steps (no device
+    #: sync per step).
+    metrics: dict[str, torch.Tensor | float]
 
 
 # ------------------------------------------------------------------- prediction unit

@@ -47,6 +47,31 @@ def test_tokenizer_stage_then_ar_stage(tmp_path, fake_stream, caplog):
     assert read_metrics(out / "metrics.jsonl") == before  # nothing redone, nothing logged twice
 
 
+def test_a_tokenizer_metric_that_starts_mid_window_is_averaged_over_its_steps(
+    tmp_path, fake_stream, monkeypatch
+):
+    from varkit_plugins.tokenizers.msvq import MSVQ
+
+    original = MSVQ.training_losses
+
+    def with_late_metric(self, images, *, step):
+        losses = original(self, images, step=step)
+        if step >= 1:  # like the discriminator's losses after disc_start
+            losses.metrics["late"] = torch.tensor(2.0)
+        return losses
+
+    monkeypatch.setattr(MSVQ, "training_losses", with_late_metric)
+    out = tmp_path / "run"
+    recipe = tiny_recipe(
+        out,
+        tokenizer_train={"steps": 4, "batch_size": 4, "precision": "fp32", "log_every": 4, "grad_accum": 2},
+        train={"steps": 1},
+    )
+    run(recipe)
+    (record,) = read_metrics(out / "tokenizer" / "metrics.jsonl")
+    assert record["late"] == pytest.approx(2.0)  # not 2.0 × 3/4
+
+
 @pytest.mark.parametrize("unit", ["token", "patch"])
 def test_other_units_train_with_the_same_loop(tmp_path, fake_stream, unit):
     out = tmp_path / "run"

@@ -142,7 +142,7 @@ class TokenizerTrainer:
             self.root / "metrics.jsonl",
             enabled=env.main,
             tensorboard_dir=self.root / "tensorboard" if cfg.tensorboard else None,
-            resume_step=self.step if self.step else None,
+            resume_step=self.step,
         )
         batches = Batches(self.stream)
         batches.start()
@@ -155,7 +155,8 @@ class TokenizerTrainer:
         progress = Progress("tokenizer", total=self.total, start=self.step, enabled=env.main)
         last_good = str(self.step_dir) if self.step_dir else None
         last_saved = checkpoint_step(self.step_dir) if self.step_dir else None
-        window: dict[str, float] = {}
+        window: dict[str, torch.Tensor] = {}
+        counts: dict[str, int] = {}
         window_steps, t_window = 0, time.perf_counter()
         preview = None
         self.tokenizer.train()
@@ -167,15 +168,19 @@ class TokenizerTrainer:
                 set_lr_wd(self.opt_g, lr, wd)
                 if self.opt_d is not None:
                     set_lr_wd(self.opt_d, lr, wd)
+                step_stats: dict[str, torch.Tensor] = {}
                 for _ in range(cfg.grad_accum):
                     images = batches.next().images.to(device, non_blocking=True)
                     if preview is None:
                         preview = images[:8].detach().clone()
-                    stats = self._micro_step(images, guard)
-                    for key, value in stats.items():
-                        window[key] = window.get(key, 0.0) + value / cfg.grad_accum
-                for key, value in self._optimizer_steps().items():
+                    for key, value in self._micro_step(images, guard).items():
+                        step_stats[key] = step_stats.get(key, 0.0) + value / cfg.grad_accum
+                step_stats |= self._optimizer_steps()
+                for key, value in step_stats.items():
+                    # Summed on the device; a metric that starts mid-window (the
+                    # discriminator's) is averaged over the steps that had it.
                     window[key] = window.get(key, 0.0) + value
+                    counts[key] = counts.get(key, 0) + 1
                 self.step += 1
                 window_steps += 1
                 record = None
@@ -183,11 +188,11 @@ class TokenizerTrainer:
                     guard.check(env, stage="tokenizer", last_good=last_good)
                     elapsed = time.perf_counter() - t_window
                     record = {"stage": "tokenizer", "step": self.step}
-                    record.update(self._reduce_window(window, window_steps))
+                    record.update(self._reduce_window(window, counts))
                     record["lr"] = lr
                     record["images_per_s"] = window_steps * cfg.batch_size / max(elapsed, 1e-9)
                     metrics.write(record)
-                    window, window_steps, t_window = {}, 0, time.perf_counter()
+                    window, counts, window_steps, t_window = {}, {}, 0, time.perf_counter()
                 progress.update(self.step, record)
                 t_pause = time.perf_counter()
                 if self.step < self.total and clock.due(self.step):
@@ -217,14 +222,15 @@ class TokenizerTrainer:
         self.scaler_g.scale(losses.generator.float() / accum).backward(
             inputs=self.gen_params, retain_graph=has_disc
         )
-        out = {"loss": losses.generator.detach().float(), **{k: float(v) for k, v in losses.metrics.items()}}
+        out = {"loss": losses.generator.detach(), **losses.metrics}
         if has_disc:
             guard.observe(losses.discriminator, self.step)
             self.scaler_d.scale(losses.discriminator.float() / accum).backward(inputs=self.disc_params)
-            out["disc_loss"] = losses.discriminator.detach().float()
-        return {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in out.items()}
+            out["disc_loss"] = losses.discriminator.detach()
+        # Device tensors (or floats), summed over the window and read at log steps only.
+        return {k: torch.as_tensor(v, device=self.env.device, dtype=torch.float64) for k, v in out.items()}
 
-    def _optimizer_steps(self) -> dict[str, float]:
+    def _optimizer_steps(self) -> dict[str, torch.Tensor]:
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
         D.average_gradients(self.gen_params, self.env)
         self.scaler_g.unscale_(self.opt_g)
@@ -232,21 +238,24 @@ class TokenizerTrainer:
         self.scaler_g.step(self.opt_g)
         self.scaler_g.update()
         self.opt_g.zero_grad(set_to_none=True)
-        out = {"grad_norm": norm.item()}
+        out = {"grad_norm": norm.detach().double()}
         if self.opt_d is not None:
             D.average_gradients(self.disc_params, self.env)
             if any(p.grad is not None for p in self.disc_params):
                 self.scaler_d.unscale_(self.opt_d)
-                out["disc_grad_norm"] = nn.utils.clip_grad_norm_(self.disc_params, clip).item()
+                out["disc_grad_norm"] = nn.utils.clip_grad_norm_(self.disc_params, clip).detach().double()
                 self.scaler_d.step(self.opt_d)
                 self.scaler_d.update()
                 self.opt_d.zero_grad(set_to_none=True)
         return out
 
-    def _reduce_window(self, window: dict[str, float], steps: int) -> dict[str, float]:
-        """Means over the window's steps and over processes (every rank has the same keys)."""
+    def _reduce_window(self, window: dict[str, torch.Tensor], counts: dict[str, int]) -> dict[str, float]:
+        """Means over the window's steps and over processes (every rank has the same keys).
+
+        The one device sync of a log step: everything is read at once.
+        """
         keys = sorted(window)
-        values = torch.tensor([window[k] / steps for k in keys], dtype=torch.float64, device=self.env.device)
+        values = torch.stack([window[k] / counts[k] for k in keys])
         D.all_reduce_sum(values, self.env)
         return {k: v / self.env.world_size for k, v in zip(keys, values.tolist())}
 

@@ -453,15 +453,15 @@ class ConvTokenizer(Tokenizer):
         diff = rec.float() - images.float()
         rec_loss = diff.abs().mean() if cfg.rec_loss == "l1" else diff.square().mean()
         nll = cfg.rec_weight * rec_loss
-        metrics: dict[str, float] = {"rec": float(rec_loss.detach())}
+        metrics: dict[str, torch.Tensor | float] = {"rec": rec_loss.detach()}
         if self._perceptual is not None:
             lp = self._perceptual(rec, images)
             if lp is not None:
                 nll = nll + cfg.lpips_weight * lp
-                metrics["lpips"] = float(lp.detach())
+                metrics["lpips"] = lp.detach()
         generator = nll + q.codebook_loss + cfg.beta * q.commit_loss
-        metrics["codebook"] = float(q.codebook_loss.detach())
-        metrics["commit"] = float(q.commit_loss.detach())
+        metrics["codebook"] = q.codebook_loss.detach()
+        metrics["commit"] = q.commit_loss.detach()
         disc_loss = None
         if self.discriminator is not None and step >= cfg.disc_start:
             with _frozen(self.discriminator):  # the generator's loss must not train the discriminator
@@ -475,14 +475,14 @@ class ConvTokenizer(Tokenizer):
             logits_fake = self.discriminator(rec.detach())
             disc_loss = hinge_d_loss(logits_real.float(), logits_fake.float())
             metrics |= {
-                "g_adv": float(g_adv.detach()),
-                "disc": float(disc_loss.detach()),
-                "disc_lambda": float(lam),
+                "g_adv": g_adv.detach(),
+                "disc": disc_loss.detach(),
+                "disc_lambda": lam.detach(),
             }
         metrics["restarted"] = float(q.restarted)
         positions = [images.shape[0] * c.shape[1] * c.shape[2] for c in q.codes]
-        usage = usage_from_hit_ema(self.quantize.hit_ema, positions).tolist()
-        perplexity = perplexity_from_histograms(q.hits).tolist()
+        usage = usage_from_hit_ema(self.quantize.hit_ema, positions)
+        perplexity = perplexity_from_histograms(q.hits)
         for k in range(len(q.codes)):
             metrics[f"usage/{k}"] = usage[k]
             metrics[f"perplexity/{k}"] = perplexity[k]
