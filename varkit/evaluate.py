@@ -62,7 +62,8 @@ def evaluate(
     total = loader.samples if max_images is None else min(max_images, loader.samples or max_images)
     bar = tqdm(total=total, desc="eval", unit="img")
     for batch in loader:
-        images, labels = batch.images.to(device), batch.labels.to(device)
+        batch = batch.to(device)
+        images, labels = batch.images, batch.labels
         if max_images is not None:
             images, labels = images[: max_images - images_seen], labels[: max_images - images_seen]
         codes = tokenizer.encode(images)

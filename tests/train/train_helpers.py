@@ -5,8 +5,9 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-import attrs
 import torch
+
+from varkit.data.stream import Batch
 
 
 def tiny_recipe_dict(out_dir, **sections: dict[str, Any]) -> dict[str, Any]:
@@ -66,15 +67,9 @@ def tiny_recipe(out_dir, **sections):
     return recipe_mod.from_dict(tiny_recipe_dict(out_dir, **sections))
 
 
-@attrs.define
-class FakeBatch:
-    images: torch.Tensor | None
-    codes: list[torch.Tensor] | None
-    labels: torch.Tensor
-
-
 class FakeStream:
-    """Endless random images in [-1, 1], a pure function of (seed, rank, batch index)."""
+    """Endless random images (uint8 pixels, as the real stream's batches hold), a pure
+    function of (seed, rank, batch index)."""
 
     def __init__(self, *, batch_size: int, resolution: int, classes: int, seed: int, rank: int):
         self.batch_size, self.resolution, self.classes = batch_size, resolution, classes
@@ -86,9 +81,10 @@ class FakeStream:
         while True:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.rank * 10_007 + self.index)
             self.index += 1
-            images = torch.rand(self.batch_size, 3, self.resolution, self.resolution, generator=g) * 2 - 1
+            shape = (self.batch_size, self.resolution, self.resolution, 3)
+            pixels = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
             labels = torch.randint(0, self.classes, (self.batch_size,), generator=g)
-            yield FakeBatch(images=images, codes=None, labels=labels)
+            yield Batch(pixels=pixels, codes=None, labels=labels)
 
     def state_dict(self):
         return {"index": self.index}

@@ -192,7 +192,7 @@ def write_code_shards(
         if not pending:
             return
         pixels = np.stack([c for _, _, crops_ in pending for c in crops_])  # (b·crops, R, R, 3)
-        images = transforms.to_model_range(pixels).to(device)
+        images = transforms.to_model_range(torch.from_numpy(pixels).to(device))
         flat = flatten_codes(tokenizer.encode(images)).cpu()  # (b·crops, l)
         if flat.shape[1] != layout.length:
             raise DataError(

@@ -59,27 +59,34 @@ _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.Decompressio
 class Batch:
     """One batch of the training stream or the evaluation loader.
 
+    Images travel as the bytes they were decoded to; ``batch.to(device).images`` moves
+    those (a quarter of the float32 bytes) and converts on the device.
+
     Attributes:
-        images: ``(b, 3, R, R)`` float32 in [-1, 1], or None for a code stream.
+        pixels: ``(b, R, R, 3)`` uint8, or None for a code stream.
         codes: code maps ``[(b, h_k, w_k)]`` int64 coarse to fine, or None for images.
         labels: ``(b,)`` int64 class indices.
     """
 
-    images: torch.Tensor | None
+    pixels: torch.Tensor | None
     codes: list[torch.Tensor] | None
     labels: torch.Tensor
 
     def __len__(self) -> int:
         return self.labels.shape[0]
 
+    @property
+    def images(self) -> torch.Tensor | None:
+        """``(b, 3, R, R)`` float32 in [-1, 1] on the batch's device (computed on each access)."""
+        return None if self.pixels is None else transforms.to_model_range(self.pixels)
+
     def to(self, device: torch.device | str, *, non_blocking: bool = False) -> Batch:
         """The same batch on ``device``."""
+        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
         return Batch(
-            images=None if self.images is None else self.images.to(device, non_blocking=non_blocking),
-            codes=None
-            if self.codes is None
-            else [c.to(device, non_blocking=non_blocking) for c in self.codes],
-            labels=self.labels.to(device, non_blocking=non_blocking),
+            pixels=None if self.pixels is None else move(self.pixels),
+            codes=None if self.codes is None else [move(c) for c in self.codes],
+            labels=move(self.labels),
         )
 
 
@@ -339,8 +346,7 @@ class _Reader:
         if self.source.kind == "codes":
             out["codes"] = torch.from_numpy(np.stack(items).astype(np.int64))  # (b, l)
         else:
-            # uint8 (b, R, R, 3): a quarter of the bytes a worker hands over; _batch
-            # converts to the model's float range in the consuming process.
+            # uint8 (b, R, R, 3): a quarter of the bytes a worker hands over (see Batch)
             out["images"] = torch.from_numpy(np.stack(items))
         return out
 
@@ -417,9 +423,9 @@ def _clean(exc: DataError) -> DataError:
 
 
 def _batch(item: dict, layout: CodeLayout | None) -> Batch:
-    codes, images = item["codes"], item["images"]
+    codes = item["codes"]
     return Batch(
-        images=None if images is None else transforms.to_model_range(images.numpy()),
+        pixels=item["images"],
         codes=None if codes is None else split_codes(codes, layout.schedule),
         labels=item["labels"],
     )

@@ -114,18 +114,18 @@ def crop(
     return np.asarray(out)
 
 
-def to_model_range(batch: np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor:
-    """uint8 images ``(b, h, w, 3)`` -> float32 ``(b, 3, h, w)`` in [-1, 1].
+def to_model_range(batch: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 images ``(b, h, w, 3)`` -> float32 ``(b, 3, h, w)`` in [-1, 1], on their device.
 
-    ``out`` (float32, ``(b, 3, h, w)``) receives the result when given, e.g. a tensor
-    in shared memory so that a DataLoader worker hands it over without a copy.
+    Called where the pixels are used: after the copy to the GPU, the copy carries a
+    quarter of the bytes of float32.
     """
     # transpose the bytes (a quarter of the float traffic), then convert contiguously
-    src = torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 3, 1, 2)))  # (b, 3, h, w) uint8
-    if out is None:
-        out = torch.empty(src.shape, dtype=torch.float32)
-    out.copy_(src)
-    return out.mul_(2.0 / 255.0).sub_(1.0)
+    if isinstance(batch, np.ndarray):  # (read-only crops come out as a writable copy)
+        src = torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 3, 1, 2)))
+    else:
+        src = batch.permute(0, 3, 1, 2).contiguous()  # (b, 3, h, w) uint8
+    return src.to(torch.float32).mul_(2.0 / 255.0).sub_(1.0)
 
 
 def plain_crop(

@@ -39,7 +39,6 @@ from varkit.train.loop import (
     gather_process_state,
     restore_data_state,
     restore_process_rng,
-    to_device,
 )
 from varkit.train.metrics import MetricsLog, StepGroups, peak_flops
 from varkit.train.optim import build_adamw, param_groups, set_lr_wd
@@ -232,13 +231,11 @@ class ARTrainer:
 
     def _micro_step(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward and backward of one micro-batch; per-position loss and hits ``(b, l)``."""
-        device = self.env.device
-        labels = batch.labels.to(device, non_blocking=True)
-        if batch.codes is not None:
-            codes = to_device(batch.codes, device)
-        else:
+        batch = batch.to(self.env.device, non_blocking=True)
+        labels, codes = batch.labels, batch.codes
+        if codes is None:
             with torch.no_grad():  # the tokenizer is frozen; encode in float32 (nearest-code search)
-                codes = self.tokenizer.encode(batch.images.to(device, non_blocking=True))
+                codes = self.tokenizer.encode(batch.images)
         inputs = self.unit.teacher_forcing(codes, self.tokenizer)  # (b, l - l_0, c)
         targets = self.unit.targets(codes)  # (b, l)
         with self.precision.autocast():

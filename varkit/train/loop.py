@@ -177,7 +177,3 @@ def restore_process_rng(state: dict[str, Any], env: DistEnv) -> None:
     rngs = state.get("rng") or []
     if len(rngs) == env.world_size:
         restore_rng(rngs[env.rank], env.device)
-
-
-def to_device(codes, device: torch.device) -> list[torch.Tensor]:
-    return [c.to(device, non_blocking=True) for c in codes]

@@ -170,7 +170,7 @@ class TokenizerTrainer:
                     set_lr_wd(self.opt_d, lr, wd)
                 step_stats: dict[str, torch.Tensor] = {}
                 for _ in range(cfg.grad_accum):
-                    images = batches.next().images.to(device, non_blocking=True)
+                    images = batches.next().to(device, non_blocking=True).images
                     if preview is None:
                         preview = images[:8].detach().clone()
                     for key, value in self._micro_step(images, guard).items():
