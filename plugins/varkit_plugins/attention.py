@@ -31,11 +31,12 @@ class MathAttention(varkit.AttentionBackend):
     name = "math"
 
     def attend(self, q, k, v, *, mask: BlockCausal | None, scale: float) -> torch.Tensor:
-        scores = torch.einsum("bhqd,bhkd->bhqk", q.float(), k.float()) * scale  # (b, nh, lq, lk)
-        if mask is not None:
-            scores = scores.masked_fill(~mask.dense(q.device), float("-inf"))
-        weights = scores.softmax(dim=-1)
-        return torch.einsum("bhqk,bhkd->bhqd", weights, v.float()).to(q.dtype)
+        with torch.autocast(q.device.type, enabled=False):  # autocast would lower einsum
+            scores = torch.einsum("bhqd,bhkd->bhqk", q.float(), k.float()) * scale  # (b, nh, lq, lk)
+            if mask is not None:
+                scores = scores.masked_fill(~mask.dense(q.device), float("-inf"))
+            weights = scores.softmax(dim=-1)
+            return torch.einsum("bhqk,bhkd->bhqd", weights, v.float()).to(q.dtype)
 
 
 class SDPAttention(varkit.AttentionBackend):
@@ -92,8 +93,11 @@ class FlexAttention(varkit.AttentionBackend):
         return self._kernel
 
     def attend(self, q, k, v, *, mask: BlockCausal | None, scale: float) -> torch.Tensor:
-        block_mask = None if mask is None else _flex_block_mask(mask, str(q.device))
-        return self._flex()(q, k, v, block_mask=block_mask, scale=scale)
+        if mask is None:
+            # A cached generation step: every query sees every key, and each step has a new
+            # (lq, lk), which would recompile the compiled kernel at every step.
+            return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        return self._flex()(q, k, v, block_mask=_flex_block_mask(mask, str(q.device)), scale=scale)
 
 
 @functools.lru_cache(maxsize=32)

@@ -366,6 +366,26 @@ def test_bf16_autocast_training_and_cached_steps():
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
 
 
+def test_backends_get_one_dtype_under_autocast():
+    # Fused kernels (xformers) refuse mixed q/k/v dtypes; rotation and l2 normalisation
+    # promote q and k to float32 while v comes out of a bf16 linear.
+    seen = []
+
+    class Strict(varkit.AttentionBackend):
+        name = "strict"
+
+        def attend(self, q, k, v, *, mask, scale):
+            seen.append((q.dtype, k.dtype, v.dtype))
+            return registry().get("attention", "sdpa")().attend(q, k, v, mask=mask, scale=scale)
+
+    model = perturb(make_model(backend=Strict(), rotary=True))
+    inputs, labels = make_inputs(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(inputs, labels).logsumexp(-1).mean().backward()
+        cached_logits(model.eval(), inputs, labels, model.new_cache(3, dtype=torch.bfloat16))
+    assert seen and all(dtypes == (torch.bfloat16,) * 3 for dtypes in seen), set(seen)
+
+
 @pytest.mark.parametrize("name", BACKENDS)
 @pytest.mark.parametrize("lengths", [(1, 4, 9), (1, 1, 1, 1)])
 def test_every_backend_gives_the_same_logits(name, lengths):

@@ -188,7 +188,9 @@ class Attention(nn.Module):
             q, k = _rotate(q, *rotary), _rotate(k, *rotary)
         if cache is not None:
             k, v = cache.append(layer, k, v)  # (b, nh, length + l, hd): every position so far
-            q = q.to(k.dtype)
+        # normalize, exp and rotation promote q and k to float32 under autocast while v
+        # stays in the autocast dtype: every backend gets one dtype.
+        q, k = q.to(v.dtype), k.to(v.dtype)
         out = backend.attend(q, k, v, mask=mask, scale=scale)  # (b, nh, l, hd)
         return self.drop(self.proj(out.transpose(1, 2).reshape(b, l, d)))
 
