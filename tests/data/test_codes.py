@@ -154,3 +154,17 @@ def test_split_codes_inverts_flattening():
     maps = split_codes(flat, layout.schedule)
     assert [tuple(m.shape) for m in maps] == [(2, 1, 1), (2, 2, 2), (2, 3, 3)]
     assert torch.equal(torch.cat([m.flatten(1) for m in maps], 1), flat)
+
+
+def test_files_that_differ_only_in_extension_stay_two_samples(tmp_path):
+    # Keys as `varkit shards` writes them: unique, so x.png and x.jpg are not merged.
+    from PIL import Image
+
+    (tmp_path / "src" / "a").mkdir(parents=True)
+    for ext in ("png", "jpg"):
+        Image.new("RGB", (16, 16), (200, 10, 10)).save(tmp_path / "src" / "a" / f"x.{ext}")
+    s = write_code_shards(
+        TinyTokenizer(), str(tmp_path / "src"), tmp_path / "codes", resolution=12, progress=False
+    )
+    keys = [key for url in expand(s.pattern) for key, _ in iter_samples(url)]
+    assert s.images == 2 and len(keys) == len(set(keys)) == 2

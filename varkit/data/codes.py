@@ -23,8 +23,15 @@ import numpy as np
 import torch
 
 from varkit.data import transforms
-from varkit.data.folder import CLASSES_NAME, read_classes, scan_image_folder
-from varkit.data.shards import IMAGE_EXTS, ShardSink, iter_samples, open_shards, write_json_atomic
+from varkit.data.folder import CLASSES_NAME, iter_folder, read_classes, scan_image_folder
+from varkit.data.shards import (
+    IMAGE_EXTS,
+    ShardSink,
+    iter_samples,
+    open_shards,
+    parse_label,
+    write_json_atomic,
+)
 from varkit.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -104,18 +111,12 @@ def crop_params(n: int) -> list[tuple[tuple[float, float] | None, bool]]:
     return [(places[i % 5], i >= 5) for i in range(n)]
 
 
-def _image_source(src: str) -> tuple[Iterator[tuple[str, bytes | None, int | None]], int | None, dict | None]:
-    """Samples ``(key, image bytes or None, class or None)`` of an image folder or shard pattern."""
+def _image_source(src: str) -> tuple[Iterator[tuple[str, bytes | None, int | str]], int | None, dict | None]:
+    """Samples ``(key, image bytes or None, class or why not)`` of an image folder or shard pattern."""
     path = Path(src)
     if path.is_dir():
         folder = scan_image_folder(path)
-
-        def from_folder():
-            for file, label in folder.files:
-                key = file.relative_to(folder.root).with_suffix("").as_posix().replace(".", "_")
-                yield key, file.read_bytes(), label
-
-        return from_folder(), len(folder.files), folder.mapping
+        return iter_folder(folder), len(folder.files), folder.mapping
     shards = open_shards(src, field="SRC")
     first = shards.urls[0]
     mapping = read_classes(Path(first).parent) if os.path.isfile(first) else None
@@ -124,8 +125,7 @@ def _image_source(src: str) -> tuple[Iterator[tuple[str, bytes | None, int | Non
         for url in shards.urls:
             for key, members in iter_samples(url):
                 image = next((members[e] for e in IMAGE_EXTS if e in members), None)
-                label = members.get("cls")
-                yield key, image, None if label is None else int(label)
+                yield key, image, parse_label(members.get("cls"))
 
     return from_shards(), shards.total, mapping
 
@@ -209,8 +209,8 @@ def write_code_shards(
         why = None
         if data is None:
             why = "no image member"
-        elif label is None:
-            why = "no cls member"
+        elif isinstance(label, str):
+            why = label
         else:
             try:
                 img, size = transforms.open_image(data, short_side=round(crop_ratio * resolution))
@@ -220,7 +220,7 @@ def write_code_shards(
                         for u, f in params
                     ]
                 )
-            except (OSError, ValueError, SyntaxError) as exc:
+            except transforms.DECODE_ERRORS as exc:
                 why = f"unreadable image ({type(exc).__name__}: {exc})"
         if why is not None:
             log.warning("skipping %s: %s", key, why)

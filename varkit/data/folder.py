@@ -19,6 +19,7 @@ from pathlib import Path
 import attrs
 from PIL import Image
 
+from varkit.data import transforms
 from varkit.data.shards import ShardSink, write_json_atomic
 from varkit.errors import DataError
 
@@ -102,7 +103,7 @@ def read_image_file(path: Path) -> tuple[str, bytes] | str:
             buf = io.BytesIO()
             img.convert("RGB").save(buf, format="PNG")
             return "png", buf.getvalue()
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except transforms.DECODE_ERRORS as exc:
         return f"{type(exc).__name__}: {exc}"
 
 
@@ -223,6 +224,8 @@ def read_classes(directory: str | os.PathLike) -> dict[str, int] | None:
 
 
 def iter_folder(folder: ImageFolder) -> Iterable[tuple[str, bytes, int]]:
-    """``(path, bytes, class)`` of every file of a folder, in its order."""
+    """``(key, bytes, class)`` of every file of a folder, in its order, keyed as the shards
+    that :func:`write_image_folder` writes (unique, webdataset-safe)."""
+    used: set[str] = set()
     for path, label in folder.files:
-        yield str(path), path.read_bytes(), label
+        yield _key(path, folder, used), path.read_bytes(), label

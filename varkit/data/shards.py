@@ -398,3 +398,16 @@ def iter_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
             # ended mid-shard) fails with a broken pipe, which is no error
             if complete:
                 raise DataError(f"shard {url}: the command or download failed ({exc})") from exc
+
+
+def parse_label(raw: bytes | None, num_classes: int | None = None) -> int | str:
+    """A sample's ``cls`` member as a class index, or the reason it cannot be used."""
+    if raw is None:
+        return "no cls"
+    try:
+        label = int(raw.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        return "unreadable cls"
+    if label < 0 or (num_classes is not None and label >= num_classes):
+        return "class out of range"
+    return label

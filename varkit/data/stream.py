@@ -37,13 +37,12 @@ from itertools import count as counter
 import attrs
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from varkit.data import transforms
 from varkit.data.codes import CODE_DTYPES, CodeLayout, split_codes
 from varkit.data.config import DataConfig
-from varkit.data.shards import IMAGE_EXTS, ShardSet, iter_samples, open_shards
+from varkit.data.shards import IMAGE_EXTS, ShardSet, iter_samples, open_shards, parse_label
 from varkit.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -52,7 +51,6 @@ log = logging.getLogger(__name__)
 WARN_LIMIT = 10
 #: Tags that keep the generators of one slot apart.
 _SHARDS, _RESAMPLE, _SHUFFLE, _AUGMENT = 0, 1, 2, 3
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
 @attrs.define
@@ -246,16 +244,7 @@ class _Reader:
 
     # -- one sample ------------------------------------------------------------------
     def _label(self, members: dict[str, bytes]) -> int | str:
-        raw = members.get("cls")
-        if raw is None:
-            return "no cls"
-        try:
-            label = int(raw.decode("ascii").strip())
-        except (UnicodeDecodeError, ValueError):
-            return "unreadable cls"
-        if not 0 <= label < self.num_classes:
-            return "class out of range"
-        return label
+        return parse_label(members.get("cls"), self.num_classes)
 
     def process(self, members: dict[str, bytes], draws: np.ndarray, *, full: bool):
         """One sample -> ``(array, label)`` or the reason to skip it.
@@ -285,7 +274,7 @@ class _Reader:
                 u=(draws[0], draws[1]) if self.train else None,
                 flip=self.train and self.hflip and draws[2] < 0.5,
             )
-        except _DECODE_ERRORS:
+        except transforms.DECODE_ERRORS:
             return "unreadable image"
         return pixels, label
 

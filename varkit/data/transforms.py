@@ -30,6 +30,10 @@ DRAFT_GAP = 2.0
 REDUCING_GAP = 3.0
 
 
+#: What decoding an unreadable, truncated or oversized image raises: such a sample is skipped.
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
 def resized_size(width: int, height: int, short_side: int) -> tuple[int, int]:
     """Size after resizing the shorter side to ``short_side`` (torchvision's rounding)."""
     if width <= height:
