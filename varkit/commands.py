@@ -59,7 +59,7 @@ def add_commands(sub: argparse._SubParsersAction, commands: dict) -> None:
     p.add_argument("--more-smooth", action="store_true", help="VAR's smooth mode (gumbel sampler)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights even when EMA weights exist")
     commands["sample"] = _sample
 
@@ -74,7 +74,7 @@ def add_commands(sub: argparse._SubParsersAction, commands: dict) -> None:
     p.add_argument("checkpoint", help="run directory, checkpoint directory, or `varkit import` output")
     p.add_argument("--max-images", type=int, help="stop after this many validation images (default: all)")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights even when EMA weights exist")
     p.add_argument("--out", help="also write the metrics to this JSON file")
     commands["eval"] = _eval
@@ -93,12 +93,6 @@ def add_commands(sub: argparse._SubParsersAction, commands: dict) -> None:
     )
     q.add_argument("--out", required=True, help="output checkpoint directory")
     commands["import"] = _import
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -150,7 +144,7 @@ def _sample(args: argparse.Namespace) -> int:
         more_smooth=args.more_smooth,
         seed=args.seed,
         batch_size=args.batch_size,
-        device=args.device,
+        device=_device(args.device),
         ema=not args.no_ema,
     )
     print(out)
@@ -166,7 +160,7 @@ def _eval(args: argparse.Namespace) -> int:
         args.checkpoint,
         batch_size=args.batch_size,
         max_images=args.max_images,
-        device=args.device,
+        device=_device(args.device),
         ema=not args.no_ema,
     )
     width = max(map(len, metrics))
@@ -183,3 +177,13 @@ def _import(args: argparse.Namespace) -> int:
     out = import_var(args.vae, args.var, args.out)
     print(out)
     return 0
+
+
+def _device(name: str | None) -> str:
+    """The --device given, else cuda when available (decided when a command runs, not when
+    the parser is built: `varkit --help` need not initialise CUDA)."""
+    if name is not None:
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"

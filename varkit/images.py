@@ -19,14 +19,15 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return pixels.permute(0, 2, 3, 1).cpu().numpy()
 
 
-def make_grid(images: torch.Tensor, nrow: int, padding: int = 2) -> np.ndarray:
-    """Tile images ``(n, 3, H, W)`` in [0, 1] into one ``(H', W', 3)`` uint8 array.
+def make_grid(images: torch.Tensor | np.ndarray, nrow: int, padding: int = 2) -> np.ndarray:
+    """Tile images ``(n, 3, H, W)`` in [0, 1] (or :func:`to_uint8`'s ``(n, H, W, 3)``
+    uint8) into one ``(H', W', 3)`` uint8 array.
 
     ``nrow`` images per row, ``padding`` black pixels between and around them.
     """
     if nrow < 1:
         raise ValueError(f"nrow is {nrow}; it must be >= 1")
-    pixels = to_uint8(images)
+    pixels = images if isinstance(images, np.ndarray) else to_uint8(images)
     n, h, w, _ = pixels.shape
     cols = min(nrow, max(n, 1))
     rows = math.ceil(n / cols)
@@ -38,8 +39,8 @@ def make_grid(images: torch.Tensor, nrow: int, padding: int = 2) -> np.ndarray:
     return grid
 
 
-def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int = 8) -> Path:
-    """Save images ``(n, 3, H, W)`` in [0, 1] as one PNG grid with ``nrow`` images per row.
+def save_grid(images: torch.Tensor | np.ndarray, path: str | os.PathLike, nrow: int = 8) -> Path:
+    """Save images (as :func:`make_grid` takes them) as one PNG grid with ``nrow`` images per row.
 
     The file is written beside its final name and renamed, so a reader never sees half
     a PNG. Returns the path written.

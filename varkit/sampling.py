@@ -13,11 +13,6 @@ from tqdm.auto import tqdm
 log = logging.getLogger(__name__)
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """Images ``(b, 3, H, W)`` in [0, 1] -> uint8 ``(b, H, W, 3)``."""
-    return images.clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
 def sample_to_dir(
     checkpoint: str | os.PathLike,
     out: Path,
@@ -43,7 +38,7 @@ def sample_to_dir(
     """
     from PIL import Image
 
-    from varkit.images import save_grid
+    from varkit.images import save_grid, to_uint8
     from varkit.pipeline import load
 
     pipe = load(checkpoint, device=device, ema=ema)
@@ -74,7 +69,7 @@ def sample_to_dir(
     arr = to_uint8(images)
     for n, (img, label) in enumerate(zip(arr, labels.tolist())):
         Image.fromarray(img).save(out / "images" / f"{label:04d}_{n % per_class:03d}.png")
-    save_grid(images, out / "grid.png", nrow=per_class)
+    save_grid(arr, out / "grid.png", nrow=per_class)
     tmp = out / "samples.tmp.npz"
     np.savez(tmp, arr_0=arr, labels=labels.numpy())
     os.replace(tmp, out / "samples.npz")

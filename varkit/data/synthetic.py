@@ -324,13 +324,6 @@ def _prototypes() -> torch.Tensor:
     return shape_features(torch.from_numpy(np.stack(masks)))
 
 
-def shape_distance(images: torch.Tensor) -> torch.Tensor:
-    """Distance ``(b, classes)`` of each image's foreground shape to each class's shape."""
-    _, sat, val = _hsv(images.detach().float().cpu().clamp(0.0, 1.0))
-    features = shape_features((sat > FOREGROUND_SATURATION) & (val > 0.25))
-    return (((features[:, None, :] - _prototypes()[None]) / _SHAPE_SCALE) ** 2).sum(2)
-
-
 def classify(images: torch.Tensor, *, use_shape: bool = True) -> torch.Tensor:
     """The synthetic class of each image, from the colour and shape of its foreground.
 

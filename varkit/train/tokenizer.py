@@ -48,14 +48,6 @@ from varkit.train.state import seed_everything
 log = logging.getLogger(__name__)
 
 
-def _plain_groups(params: list[nn.Parameter], weight_decay: float) -> list[dict]:
-    """Groups for loose parameters: decay on matrices and kernels, none on vectors."""
-    decay = [p for p in params if p.ndim >= 2 and p.requires_grad]
-    plain = [p for p in params if p.ndim < 2 and p.requires_grad]
-    groups = [{"name": "decay", "params": decay, "weight_decay": weight_decay}] if decay else []
-    return groups + ([{"name": "no_decay", "params": plain, "weight_decay": 0.0}] if plain else [])
-
-
 class TokenizerTrainer:
     """Trains the recipe's tokenizer into ``out_dir/tokenizer``, resuming when it can.
 
@@ -93,7 +85,7 @@ class TokenizerTrainer:
             param_groups(self.tokenizer, cfg.weight_decay, exclude=self.disc_params), cfg, device
         )
         self.opt_d = (
-            build_adamw(_plain_groups(self.disc_params, cfg.weight_decay), cfg, device)
+            build_adamw(param_groups(self.tokenizer, cfg.weight_decay, exclude=self.gen_params), cfg, device)
             if self.disc_params
             else None
         )

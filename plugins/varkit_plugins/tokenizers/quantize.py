@@ -64,16 +64,6 @@ def perplexity_from_histograms(hist: torch.Tensor) -> torch.Tensor:
     return entropy.exp()
 
 
-def codebook_usage(codes: Sequence[torch.Tensor], vocab_size: int) -> list[float]:
-    """Per code map ``(b, h_k, w_k)``, the fraction of the ``vocab_size`` codes it uses."""
-    return usage_from_histograms(code_histograms(codes, vocab_size)).tolist()
-
-
-def codebook_perplexity(codes: Sequence[torch.Tensor], vocab_size: int) -> list[float]:
-    """Per code map ``(b, h_k, w_k)``, the perplexity of its code distribution."""
-    return perplexity_from_histograms(code_histograms(codes, vocab_size)).tolist()
-
-
 @torch.no_grad()
 def update_hit_ema(ema: torch.Tensor, hits: torch.Tensor, decay: float = 0.9) -> None:
     """EMA of the hit count of every code per scale, ``ema`` ``(K, v)`` updated in place.
