@@ -107,3 +107,20 @@ def test_shards_feed_training(image_folder, tmp_path):
     batch = next(iter(stream))
     assert batch.images.shape == (4, 3, 8, 8) and batch.codes is None
     assert batch.images.min() >= -1 and batch.images.max() <= 1
+
+
+def test_count_samples_follows_the_reader_key_rule(tmp_path):
+    # A member without an extension belongs to no sample: counting it would promise the
+    # epoch a sample the reader never yields.
+    import io
+    import tarfile
+
+    from varkit.data.shards import iter_samples
+
+    path = tmp_path / "s.tar"
+    with tarfile.open(path, "w") as tar:
+        for name, data in (("a.cls", b"1"), ("a.png", b"x"), ("README", b"notes"), ("b.cls", b"2")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    assert count_samples(str(path)) == len(list(iter_samples(str(path)))) == 2

@@ -213,7 +213,9 @@ def write_code_shards(
             why = label
         else:
             try:
-                img, size = transforms.open_image(data, short_side=round(crop_ratio * resolution))
+                img, size = transforms.open_image(
+                    data, short_side=transforms.short_side(resolution, crop_ratio)
+                )
                 crops_ = np.stack(
                     [
                         transforms.crop(img, size, resolution=resolution, crop_ratio=crop_ratio, u=u, flip=f)

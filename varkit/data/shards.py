@@ -158,10 +158,10 @@ def count_samples(path: str) -> int:
             for member in tar:
                 if not member.isreg():
                     continue
-                key, _ = wds.tariterators.base_plus_ext(member.name)
-                if key != last:
+                parts = split_name(member.name)  # the reader's rule: no extension, no sample
+                if parts is not None and parts[0] != last:
                     keys += 1
-                    last = key
+                    last = parts[0]
     except (OSError, tarfile.TarError) as exc:
         raise DataError(f"shard {path} is not a readable tar file ({exc}); write it again") from exc
     return keys

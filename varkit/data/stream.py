@@ -262,7 +262,7 @@ class _Reader:
             return "no image"
         try:
             img, size = transforms.open_image(
-                members[ext], short_side=round(self.crop_ratio * self.resolution)
+                members[ext], short_side=transforms.short_side(self.resolution, self.crop_ratio)
             )
             if not full:
                 return None, label

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from varkit.data import transforms
 from varkit.data.config import DataConfig, SyntheticConfig
 from varkit.data.folder import CLASSES_NAME
 from varkit.data.shards import INDEX_NAME, ShardSink, write_json_atomic
@@ -62,11 +63,6 @@ SUPERSAMPLE = 4
 #: ``FOREGROUND_SATURATION`` as the shape.
 BACKGROUND_SATURATION = 0.12
 FOREGROUND_SATURATION = 0.4
-
-
-def image_size(resolution: int, crop_ratio: float) -> int:
-    """Side of the stored images: the size VAR's resize gives, so resizing changes nothing."""
-    return round(crop_ratio * resolution)
 
 
 # ------------------------------------------------------------------------ drawing
@@ -209,7 +205,8 @@ def ensure_synthetic(config: DataConfig) -> dict[str, str]:
     Returns:
         ``{"train": pattern, "val": pattern, "dir": directory}``.
     """
-    size = image_size(config.resolution, config.crop_ratio)
+    # the size VAR's resize gives, so that resizing the stored images changes nothing
+    size = transforms.short_side(config.resolution, config.crop_ratio)
     margin = size - config.resolution  # the most a random crop cuts from one side
     synthetic = config.synthetic
     root = cache_root(config) / "synthetic"

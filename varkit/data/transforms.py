@@ -30,6 +30,11 @@ DRAFT_GAP = 2.0
 REDUCING_GAP = 3.0
 
 
+def short_side(resolution: int, crop_ratio: float) -> int:
+    """VAR's resize target: the shorter side becomes ``round(crop_ratio · resolution)``."""
+    return round(crop_ratio * resolution)
+
+
 #: What decoding an unreadable, truncated or oversized image raises: such a sample is skipped.
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
@@ -89,7 +94,7 @@ def decode_crop(
         u: two uniforms in [0, 1) placing a random crop; None for the centre crop.
         flip: mirror the crop horizontally.
     """
-    img, size = open_image(data, short_side=round(crop_ratio * resolution))
+    img, size = open_image(data, short_side=short_side(resolution, crop_ratio))
     return crop(img, size, resolution=resolution, crop_ratio=crop_ratio, u=u, flip=flip)
 
 
@@ -107,7 +112,7 @@ def crop(
     The geometry follows the original size, so a draft-decoded image gives the same
     crop as a fully decoded one.
     """
-    size = resized_size(*original_size, round(crop_ratio * resolution))
+    size = resized_size(*original_size, short_side(resolution, crop_ratio))
     x, y = crop_offsets(size, resolution, u)
     # source pixels per resized pixel, in the decoded image's own pixels
     sx, sy = img.width / size[0], img.height / size[1]
@@ -140,7 +145,7 @@ def plain_crop(
     Returns ``(3, resolution, resolution)`` float32 in [-1, 1].
     """
     img = Image.open(io.BytesIO(data)).convert("RGB")
-    size = resized_size(*img.size, round(crop_ratio * resolution))
+    size = resized_size(*img.size, short_side(resolution, crop_ratio))
     img = img.resize(size, Image.Resampling.LANCZOS)
     x, y = crop_offsets(size, resolution, u)
     img = img.crop((x, y, x + resolution, y + resolution))
