@@ -85,7 +85,7 @@ def evaluate(
         raise DataError(
             f"no validation images were read from {pipe.recipe.data.val_shards or 'the synthetic val split'}"
         )
-    positions = groups.sizes.double().to(device) * images_seen
+    positions = groups.sizes * images_seen
     loss = loss_sum.sum().item() / positions.sum().item()
     out: dict[str, float] = {
         "images": images_seen,

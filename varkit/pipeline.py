@@ -154,14 +154,9 @@ def load_tokenizer(path: str | os.PathLike, *, device: torch.device | str = "cpu
     """The tokenizer of a run (tokenizer stage or AR run) or of a checkpoint directory."""
     from varkit import recipe as recipe_mod
     from varkit.build import build_tokenizer
-    from varkit.checkpoint import latest_checkpoint, load_weights, read_recipe
+    from varkit.checkpoint import load_weights, read_recipe
 
-    path = Path(path)
-    step_dir = latest_checkpoint(path)
-    if step_dir is None and (path / "tokenizer").is_dir():
-        step_dir = latest_checkpoint(path / "tokenizer")
-    if step_dir is None:
-        raise CheckpointError(f"no tokenizer checkpoint found at {path}")
+    step_dir = _tokenizer_checkpoint(Path(path))
     recipe = recipe_mod.from_dict(read_recipe(step_dir), source=str(step_dir / "recipe.yaml"))
     tokenizer = build_tokenizer(recipe, load_weights=False)
     load_state(tokenizer, load_weights(step_dir, "tokenizer"), what=f"tokenizer of {step_dir}")
@@ -175,7 +170,7 @@ def load_tokenizer_weights(tokenizer: Tokenizer, path: str | os.PathLike) -> Non
     ``.pth`` state dict (read with ``weights_only=True``) such as the official VAR
     release's ``vae_ch160v4096z32.pth``.
     """
-    from varkit.checkpoint import latest_checkpoint, load_weights
+    from varkit.checkpoint import load_weights
 
     path = Path(path)
     if path.suffix == ".safetensors":
@@ -189,13 +184,19 @@ def load_tokenizer_weights(tokenizer: Tokenizer, path: str | os.PathLike) -> Non
 
         state = read_state_dict(path, "tokenizer checkpoint")
     else:
-        step_dir = latest_checkpoint(path)
-        if step_dir is None and (path / "tokenizer").is_dir():
-            step_dir = latest_checkpoint(path / "tokenizer")
-        if step_dir is None:
-            raise CheckpointError(f"no tokenizer checkpoint found at {path}")
-        state = load_weights(step_dir, "tokenizer")
+        state = load_weights(_tokenizer_checkpoint(path), "tokenizer")
     load_state(tokenizer, state, what=f"tokenizer weights {path}")
+
+
+def _tokenizer_checkpoint(path: Path) -> Path:
+    """The checkpoint holding a tokenizer: of the run (or checkpoint) at ``path``, else of
+    its tokenizer stage."""
+    from varkit.checkpoint import latest_checkpoint
+
+    step_dir = latest_checkpoint(path) or latest_checkpoint(path / "tokenizer")
+    if step_dir is None:
+        raise CheckpointError(f"no tokenizer checkpoint found at {path}")
+    return step_dir
 
 
 def check_state_dict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], *, what: str) -> None:

@@ -113,7 +113,7 @@ class ARTrainer:
         if self.env.main:
             remove_leftovers(self.ckpt_root)
         D.barrier(self.env)
-        step_dir = latest_checkpoint(self.ckpt_root) if self.ckpt_root.is_dir() else None
+        step_dir = latest_checkpoint(self.ckpt_root)
         if step_dir is None:
             return None
         self.step_dir = step_dir
@@ -271,13 +271,7 @@ class ARTrainer:
             record["epoch"] = self.step * self.cfg.batch_size / self.stream.samples_per_epoch
         record["loss"] = per_loss.mean().item()
         record["acc"] = per_hit.mean().item()
-        group_loss = groups.reduce(per_loss.to(groups.index.device, torch.float32)) / groups.sizes.to(
-            per_loss.device
-        )
-        group_acc = groups.reduce(per_hit.to(groups.index.device, torch.float32)) / groups.sizes.to(
-            per_loss.device
-        )
-        for name, gl, ga in zip(groups.names, group_loss.tolist(), group_acc.tolist()):
+        for name, gl, ga in zip(groups.names, groups.mean(per_loss).tolist(), groups.mean(per_hit).tolist()):
             record[f"loss/{name}"] = gl
             record[f"acc/{name}"] = ga
         record["lr"] = lr

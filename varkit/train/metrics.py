@@ -154,9 +154,14 @@ class StepGroups:
             group_of_step.extend([g] * (last - first + 1))
         lengths = torch.tensor(step_lengths)
         self.index = torch.repeat_interleave(torch.tensor(group_of_step), lengths).to(device)  # (l,)
-        self.sizes = torch.zeros(len(self.names)).index_add_(0, self.index.cpu(), torch.ones(len(self.index)))
+        #: positions per group ``(groups,)`` float64, on ``device``
+        self.sizes = torch.bincount(self.index, minlength=len(self.names)).to(torch.float64)
 
     def reduce(self, per_position: torch.Tensor) -> torch.Tensor:
         """Sums ``(l,)`` -> sums per group ``(groups,)``."""
         out = torch.zeros(len(self.names), dtype=per_position.dtype, device=per_position.device)
         return out.index_add_(0, self.index, per_position)
+
+    def mean(self, per_position: torch.Tensor) -> torch.Tensor:
+        """Means ``(l,)`` -> means per group ``(groups,)``, float64."""
+        return self.reduce(per_position.to(self.sizes.device, torch.float64)) / self.sizes

@@ -91,7 +91,7 @@ def prepare_out_dir(recipe, *, force: bool = False) -> Path:
     stored_file = out / RECIPE
     if not stored_file.is_file():
         for sub in (out, out / "tokenizer"):
-            step_dir = latest_checkpoint(sub / "checkpoints") if (sub / "checkpoints").is_dir() else None
+            step_dir = latest_checkpoint(sub / "checkpoints")
             if step_dir is not None:
                 stored_file = step_dir / RECIPE
                 break

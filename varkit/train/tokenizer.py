@@ -102,7 +102,7 @@ class TokenizerTrainer:
         if self.env.main:
             remove_leftovers(self.ckpt_root)
         D.barrier(self.env)
-        step_dir = latest_checkpoint(self.ckpt_root) if self.ckpt_root.is_dir() else None
+        step_dir = latest_checkpoint(self.ckpt_root)
         if step_dir is None:
             return
         load_state(self.tokenizer, load_weights(step_dir, "tokenizer"), what=f"tokenizer of {step_dir}")
