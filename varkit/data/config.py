@@ -9,18 +9,10 @@ from typing import Literal
 
 import attrs
 
+from varkit import validators as V
+
 #: How many synthetic classes exist (``varkit.data.synthetic.CLASS_NAMES``).
 MAX_SYNTHETIC_CLASSES = 10
-
-
-def _positive(instance, attribute, value):
-    if value < 1:
-        raise ValueError(f"{attribute.name} must be at least 1, got {value}")
-
-
-def _non_negative(instance, attribute, value):
-    if value < 0:
-        raise ValueError(f"{attribute.name} must be 0 or more, got {value}")
 
 
 @attrs.frozen(kw_only=True)
@@ -33,11 +25,11 @@ class SyntheticConfig:
 
     #: Classes used, the first ``num_classes`` of ``CLASS_NAMES``; 10 (all) is
     #: enough to see class conditioning work while staying tiny.
-    num_classes: int = attrs.field(default=10, validator=_positive)
+    num_classes: int = attrs.field(default=10, validator=V.positive)
     #: Training images per class; a few hundred train a tiny model in minutes on a CPU.
-    images_per_class: int = attrs.field(default=300, validator=_positive)
+    images_per_class: int = attrs.field(default=300, validator=V.positive)
     #: Validation images per class (centre-cropped, never shuffled).
-    val_images_per_class: int = attrs.field(default=50, validator=_positive)
+    val_images_per_class: int = attrs.field(default=50, validator=V.positive)
     #: Seed of the generator; the same seed gives byte-identical shards.
     seed: int = 0
 
@@ -71,7 +63,7 @@ class DataConfig:
     #: Code shards written by ``varkit shards --tokenize``; needed when source is ``codes``.
     codes: str | None = None
     #: Side of the square training crops in pixels; VAR's ImageNet models use 256.
-    resolution: int = attrs.field(default=256, validator=_positive)
+    resolution: int = attrs.field(default=256, validator=V.positive)
     #: The shorter side is resized to ``crop_ratio × resolution`` before cropping
     #: (VAR's ``mid_reso`` of 1.125), so random crops move the object a little.
     crop_ratio: float = 1.125
@@ -79,16 +71,16 @@ class DataConfig:
     hflip: bool = False
     #: Samples held by each worker's shuffle buffer; 1000 mixes well beyond one shard
     #: member run while holding ~100 MB of ImageNet JPEG bytes.
-    shuffle_buffer: int = attrs.field(default=1000, validator=_non_negative)
+    shuffle_buffer: int = attrs.field(default=1000, validator=V.non_negative)
     #: DataLoader worker processes per rank (0 decodes in the training process);
     #: 2 matches the small machines the tests run on, raise it on a GPU node.
-    workers: int = attrs.field(default=2, validator=_non_negative)
+    workers: int = attrs.field(default=2, validator=V.non_negative)
     #: Draw shards with replacement (webdataset's resampled mode): each rank and
     #: worker streams independently, which suits many nodes and uneven shards.
     resampled: bool = False
     #: Number of classes; a sample whose class is outside ``[0, num_classes)`` is
     #: skipped with a warning. ImageNet has 1000.
-    num_classes: int = attrs.field(default=1000, validator=_positive)
+    num_classes: int = attrs.field(default=1000, validator=V.positive)
     #: Samples in one epoch over all ranks; None reads the counts that ``varkit
     #: shards`` writes beside the shards (``shards.json``) or counts local shards.
     #: Needed for ``pipe:`` shards without that index.

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from varkit import validators as V
 from varkit.base import AttentionBackend, PredictionUnit
 from varkit.errors import VarkitError
 from varkit.masks import BlockCausal
@@ -30,21 +31,6 @@ from varkit.model.kv_cache import KVCache
 MAX_SCALE_MUL = math.log(100.0)
 #: Initial learned attention temperature ``exp(scale_mul)`` (VAR: 4).
 INIT_SCALE_MUL = math.log(4.0)
-
-
-def _positive(_inst, attribute, value):
-    if value <= 0:
-        raise ValueError(f"model.{attribute.name} must be positive, got {value}")
-
-
-def _non_negative(_inst, attribute, value):
-    if value is not None and value < 0:
-        raise ValueError(f"model.{attribute.name} must be >= 0, got {value}")
-
-
-def _probability(_inst, attribute, value):
-    if value is not None and not 0.0 <= value < 1.0:
-        raise ValueError(f"model.{attribute.name} must be in [0, 1), got {value}")
 
 
 @attrs.frozen(kw_only=True)
@@ -57,32 +43,32 @@ class ModelConfig:
     """
 
     #: Number of AdaLN blocks; VAR names its models by it (d16, d20, d24, d30).
-    depth: int = attrs.field(default=16, validator=_positive)
+    depth: int = attrs.field(default=16, validator=V.positive)
     #: Model width d; 0 means VAR's 64·depth.
-    width: int = attrs.field(default=0, validator=_non_negative)
+    width: int = attrs.field(default=0, validator=V.non_negative)
     #: Attention heads; 0 means width // 64 (VAR: heads of 64 channels).
-    heads: int = attrs.field(default=0, validator=_non_negative)
+    heads: int = attrs.field(default=0, validator=V.non_negative)
     #: MLP hidden width over model width (VAR: 4).
-    mlp_ratio: float = attrs.field(default=4.0, validator=_positive)
+    mlp_ratio: float = attrs.field(default=4.0, validator=V.positive)
     #: Classes of the conditioning; index ``num_classes`` is "no class" (ImageNet: 1000).
-    num_classes: int = attrs.field(default=1000, validator=_positive)
+    num_classes: int = attrs.field(default=1000, validator=V.positive)
     #: Chance of replacing a label by "no class" in training, for guidance (VAR: 0.1).
-    class_dropout: float = attrs.field(default=0.1, validator=_probability)
+    class_dropout: float = attrs.field(default=0.1, validator=V.probability)
     #: Drop-path rate of the last block, rising linearly from 0; None means VAR's 0.1·depth/24.
-    drop_path: float | None = attrs.field(default=None, validator=_probability)
+    drop_path: float | None = attrs.field(default=None, validator=V.probability)
     #: Dropout after the attention projection and in the MLP (VAR trains without it).
-    dropout: float = attrs.field(default=0.0, validator=_probability)
+    dropout: float = attrs.field(default=0.0, validator=V.probability)
     #: One AdaLN linear for all blocks plus a learned per-block offset (VAR's release: off).
     shared_adaln: bool = False
     #: l2-normalised q and k with a learned per-head temperature, softmax scale 1 (VAR: on).
     attn_l2_norm: bool = True
     #: LayerNorm epsilon (VAR: 1e-6).
-    norm_eps: float = attrs.field(default=1e-6, validator=_positive)
+    norm_eps: float = attrs.field(default=1e-6, validator=V.positive)
     #: Multiplier of the AdaLN gate rows at init, so each block starts near identity
     #: (VAR's ``alng``: 1e-3 for d16/d20, 1e-4 for d24, 1e-5 for d30).
-    adaln_gamma_init: float = attrs.field(default=1e-3, validator=_non_negative)
+    adaln_gamma_init: float = attrs.field(default=1e-3, validator=V.non_negative)
     #: Multiplier of the output head's weights at init: near-uniform first logits (VAR: 0.02).
-    head_init: float = attrs.field(default=0.02, validator=_non_negative)
+    head_init: float = attrs.field(default=0.02, validator=V.non_negative)
 
     def __attrs_post_init__(self):
         # Resolve the derived values in place (frozen: through object.__setattr__), so

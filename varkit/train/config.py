@@ -13,23 +13,10 @@ from typing import Literal
 
 import attrs
 
+from varkit import validators as V
+
 Precision = Literal["fp32", "bf16", "fp16"]
 Schedule = Literal["lin0", "cos", "constant"]
-
-
-def _non_negative(instance, attribute, value) -> None:
-    if value is not None and value < 0:
-        raise ValueError(f"{attribute.name} is {value}; it must be >= 0")
-
-
-def _positive(instance, attribute, value) -> None:
-    if value is not None and value <= 0:
-        raise ValueError(f"{attribute.name} is {value}; it must be > 0")
-
-
-def _fraction(instance, attribute, value) -> None:
-    if value is not None and not 0.0 <= value <= 1.0:
-        raise ValueError(f"{attribute.name} is {value}; it must lie in [0, 1]")
 
 
 def _betas(instance, attribute, value) -> None:
@@ -53,47 +40,47 @@ class TrainConfig:
 
     # -- length and batch ------------------------------------------------------
     #: 0 with no epochs skips the stage; AR recipes set it (the quickstart: a few hundred).
-    steps: int = attrs.field(default=0, validator=_non_negative)
+    steps: int = attrs.field(default=0, validator=V.non_negative)
     #: Passes over the data instead of steps (VAR: 200-350); needs a stream that knows its size.
-    epochs: float | None = attrs.field(default=None, validator=_positive)
+    epochs: float | None = attrs.field(default=None, validator=V.positive)
     #: Global batch over all processes and accumulation steps (VAR: 768 for d16-d24).
-    batch_size: int = attrs.field(default=768, validator=_positive)
+    batch_size: int = attrs.field(default=768, validator=V.positive)
     #: Micro-batches per optimizer step: the same global batch in less memory.
-    grad_accum: int = attrs.field(default=1, validator=_positive)
+    grad_accum: int = attrs.field(default=1, validator=V.positive)
 
     # -- optimizer -------------------------------------------------------------
     #: Peak learning rate; null derives it from base_lr and the batch (VAR's rule).
-    lr: float | None = attrs.field(default=None, validator=_positive)
+    lr: float | None = attrs.field(default=None, validator=V.positive)
     #: Peak lr per 256 images of global batch (VAR's "tblr": 1e-4; 8e-5 for d24/d30).
-    base_lr: float = attrs.field(default=1e-4, validator=_positive)
+    base_lr: float = attrs.field(default=1e-4, validator=V.positive)
     #: AdamW betas (VAR: 0.95 for beta2 keeps the large-batch updates stable).
     betas: tuple[float, float] = attrs.field(default=(0.9, 0.95), validator=_betas)
     #: AdamW epsilon (PyTorch's default; VAR does not change it).
-    eps: float = attrs.field(default=1e-8, validator=_positive)
+    eps: float = attrs.field(default=1e-8, validator=V.positive)
     #: Decoupled weight decay of matrices (VAR: 0.05); never on norms, biases, embeddings of position.
-    weight_decay: float = attrs.field(default=0.05, validator=_non_negative)
+    weight_decay: float = attrs.field(default=0.05, validator=V.non_negative)
     #: Weight decay at the end of a cosine schedule from weight_decay; null keeps it constant (VAR d30: 0.08).
-    weight_decay_end: float | None = attrs.field(default=None, validator=_non_negative)
+    weight_decay_end: float | None = attrs.field(default=None, validator=V.non_negative)
     #: Gradient-norm clip (VAR: 2.0); 0 turns clipping off.
-    grad_clip: float = attrs.field(default=2.0, validator=_non_negative)
+    grad_clip: float = attrs.field(default=2.0, validator=V.non_negative)
 
     # -- schedule --------------------------------------------------------------
     #: Shape of the lr after warmup: lin0 (VAR: flat 5 %, then linear), cos, or constant.
     schedule: Schedule = "lin0"
     #: Warmup length in steps; null uses warmup_fraction.
-    warmup_steps: int | None = attrs.field(default=None, validator=_non_negative)
+    warmup_steps: int | None = attrs.field(default=None, validator=V.non_negative)
     #: Warmup as a fraction of the run (VAR: epochs/50, i.e. 0.02).
-    warmup_fraction: float = attrs.field(default=0.02, validator=_fraction)
+    warmup_fraction: float = attrs.field(default=0.02, validator=V.fraction)
     #: lr at the first warmup step, as a fraction of the peak (VAR: 0.005).
-    warmup_start_ratio: float = attrs.field(default=0.005, validator=_fraction)
+    warmup_start_ratio: float = attrs.field(default=0.005, validator=V.fraction)
     #: lr at the last step, as a fraction of the peak (VAR "wpe": 0.1 for d16/d20, 0.01 for d24/d30).
-    final_lr_ratio: float = attrs.field(default=0.1, validator=_fraction)
+    final_lr_ratio: float = attrs.field(default=0.1, validator=V.fraction)
 
     # -- numerics --------------------------------------------------------------
     #: Autocast dtype: bf16 needs no loss scaling on current GPUs; fp16 uses a grad scaler (VAR's choice).
     precision: Precision = "bf16"
     #: Label smoothing of the AR cross-entropy (VAR: 0, it is only a flag there).
-    label_smoothing: float = attrs.field(default=0.0, validator=_fraction)
+    label_smoothing: float = attrs.field(default=0.0, validator=V.fraction)
     #: EMA decay of the weights, null for none (an EMA copy costs one more model in memory).
     ema: float | None = attrs.field(default=None, validator=_ema)
     #: torch.compile the model: faster steps on GPU after a minute of compiling.
@@ -103,19 +90,19 @@ class TrainConfig:
 
     # -- outputs ---------------------------------------------------------------
     #: Steps between metric lines (and log lines when not on a terminal).
-    log_every: int = attrs.field(default=50, validator=_positive)
+    log_every: int = attrs.field(default=50, validator=V.positive)
     #: Steps between checkpoints; 0 only checkpoints by time and at the end.
-    checkpoint_every: int = attrs.field(default=5000, validator=_non_negative)
+    checkpoint_every: int = attrs.field(default=5000, validator=V.non_negative)
     #: Minutes between checkpoints, whatever the step; 0 turns the timer off (bounds the work lost to a crash).
-    checkpoint_minutes: float = attrs.field(default=30.0, validator=_non_negative)
+    checkpoint_minutes: float = attrs.field(default=30.0, validator=V.non_negative)
     #: Checkpoints kept on disk; older ones are deleted once a newer one is complete.
-    keep_checkpoints: int = attrs.field(default=3, validator=_positive)
+    keep_checkpoints: int = attrs.field(default=3, validator=V.positive)
     #: Steps between sample grids; 0 samples only at the end.
-    sample_every: int = attrs.field(default=0, validator=_non_negative)
+    sample_every: int = attrs.field(default=0, validator=V.non_negative)
     #: Classes in a sample grid, spread evenly over the model's classes (one row each).
-    sample_classes: int = attrs.field(default=8, validator=_positive)
+    sample_classes: int = attrs.field(default=8, validator=V.positive)
     #: Images per class in a sample grid.
-    sample_per_class: int = attrs.field(default=4, validator=_positive)
+    sample_per_class: int = attrs.field(default=4, validator=V.positive)
     #: Also write TensorBoard events (needs the `tensorboard` package).
     tensorboard: bool = False
 

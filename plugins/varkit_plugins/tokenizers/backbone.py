@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from varkit import validators as V
 from varkit.base import Tokenizer, TokenizerLosses
 from varkit_plugins.tokenizers.losses import PatchDiscriminator, PerceptualLoss, adaptive_weight, hinge_d_loss
 from varkit_plugins.tokenizers.quantize import (
@@ -27,16 +28,6 @@ from varkit_plugins.tokenizers.quantize import (
     usage_from_histograms,
     usage_from_hit_ema,
 )
-
-
-def _positive(instance, attribute, value) -> None:
-    if value is not None and value <= 0:
-        raise ValueError(f"{attribute.name} is {value}; it must be > 0")
-
-
-def _non_negative(instance, attribute, value) -> None:
-    if value < 0:
-        raise ValueError(f"{attribute.name} is {value}; it must be >= 0")
 
 
 def _to_tuple(value):
@@ -62,31 +53,31 @@ class BackboneFields:
     """
 
     #: Height of the images in pixels (VAR: 256); with ``image_width`` unset, also the width.
-    image_size: int = attrs.field(default=256, validator=_positive)
+    image_size: int = attrs.field(default=256, validator=V.positive)
     #: Width of the images in pixels; null for square images (VAR's case).
-    image_width: int | None = attrs.field(default=None, validator=_positive)
+    image_width: int | None = attrs.field(default=None, validator=V.positive)
     #: Channels of the first level (VAR: 160); every level has ``ch · ch_mult[i]``.
-    ch: int = attrs.field(default=160, validator=_positive)
+    ch: int = attrs.field(default=160, validator=V.positive)
     #: Channel multiplier per level; ``2 ** (levels - 1)`` is the downsampling (VAR: 16).
     ch_mult: tuple[int, ...] = attrs.field(default=(1, 1, 2, 2, 4), converter=_to_tuple, validator=_ch_mult)
     #: Residual blocks per encoder level; the decoder has one more (VAR: 2, decoder 3).
-    num_res_blocks: int = attrs.field(default=2, validator=_positive)
+    num_res_blocks: int = attrs.field(default=2, validator=V.positive)
     #: Self-attention after each block of the lowest-resolution level (VAR: on).
     level_attention: bool = True
     #: Self-attention between the two middle blocks (VAR: on).
     mid_attention: bool = True
     #: GroupNorm groups (VAR: 32); every level's channels must divide by it.
-    norm_groups: int = attrs.field(default=32, validator=_positive)
+    norm_groups: int = attrs.field(default=32, validator=V.positive)
     #: Dropout inside the residual blocks (VAR: 0; tokenizers overfit little).
-    dropout: float = attrs.field(default=0.0, validator=_non_negative)
+    dropout: float = attrs.field(default=0.0, validator=V.non_negative)
     #: Encoder output channels; null means ``code_dim`` (VAR: 32 = code_dim).
-    z_channels: int | None = attrs.field(default=None, validator=_positive)
+    z_channels: int | None = attrs.field(default=None, validator=V.positive)
     #: Kernel of ``quant_conv`` / ``post_quant_conv`` (VAR: 3; LlamaGen: 1).
     quant_conv_kernel: int = attrs.field(default=3, validator=_odd)
     #: Channels of a code embedding ``c`` (VAR: 32).
-    code_dim: int = attrs.field(default=32, validator=_positive)
+    code_dim: int = attrs.field(default=32, validator=V.positive)
     #: Number of codes ``v`` (VAR: 4096).
-    vocab_size: int = attrs.field(default=4096, validator=_positive)
+    vocab_size: int = attrs.field(default=4096, validator=V.positive)
 
     def _check_backbone(self) -> None:
         widths = sorted({self.ch * m for m in self.ch_mult})

@@ -22,19 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from varkit import validators as V
 from varkit.errors import CheckpointError
 
 log = logging.getLogger(__name__)
-
-
-def _non_negative(instance, attribute, value) -> None:
-    if value < 0:
-        raise ValueError(f"{attribute.name} is {value}; it must be >= 0")
-
-
-def _positive(instance, attribute, value) -> None:
-    if value <= 0:
-        raise ValueError(f"{attribute.name} is {value}; it must be > 0")
 
 
 # Not slotted: the tokenizers' Configs derive from two such field sets.
@@ -49,25 +40,25 @@ class LossFields:
     #: Pixel reconstruction loss: l1 keeps edges sharper than l2 (VQGAN's choice).
     rec_loss: Literal["l1", "l2"] = "l1"
     #: Weight of the pixel reconstruction loss.
-    rec_weight: float = attrs.field(default=1.0, validator=_non_negative)
+    rec_weight: float = attrs.field(default=1.0, validator=V.non_negative)
     #: Commitment weight beta (VQ-VAE, VAR: 0.25).
-    beta: float = attrs.field(default=0.25, validator=_non_negative)
+    beta: float = attrs.field(default=0.25, validator=V.non_negative)
     #: Weight of the LPIPS perceptual loss; 0 turns it off (VQGAN: 1.0 once weights exist).
-    lpips_weight: float = attrs.field(default=0.0, validator=_non_negative)
+    lpips_weight: float = attrs.field(default=0.0, validator=V.non_negative)
     #: File with VGG16 features + LPIPS heads (see the module docs); absent: skipped with one warning.
     lpips_weights: str | None = None
     #: Weight of the adversarial loss; 0 builds no discriminator (VQGAN: 0.1 to 0.75).
-    disc_weight: float = attrs.field(default=0.0, validator=_non_negative)
+    disc_weight: float = attrs.field(default=0.0, validator=V.non_negative)
     #: Training step at which the discriminator starts (VQGAN: after the codebook settles).
-    disc_start: int = attrs.field(default=0, validator=_non_negative)
+    disc_start: int = attrs.field(default=0, validator=V.non_negative)
     #: Stride-2 conv layers of the PatchGAN discriminator (pix2pix: 3, 70×70 patches).
-    disc_layers: int = attrs.field(default=3, validator=_positive)
+    disc_layers: int = attrs.field(default=3, validator=V.positive)
     #: Channels of the discriminator's first layer (pix2pix: 64).
-    disc_ch: int = attrs.field(default=64, validator=_positive)
+    disc_ch: int = attrs.field(default=64, validator=V.positive)
     #: Scale the adversarial term by |grad nll| / |grad adv| at the decoder's last layer (VQGAN).
     disc_adaptive: bool = True
     #: Restart a code unused for this many training steps on a random current feature; 0: never.
-    restart_unused_after: int = attrs.field(default=250, validator=_non_negative)
+    restart_unused_after: int = attrs.field(default=250, validator=V.non_negative)
 
     def _check_losses(self, image_side: int) -> None:
         if self.disc_weight > 0:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 import varkit
 from varkit import schedule as schedule_mod
+from varkit import validators as V
 from varkit.errors import CheckpointError, VarkitError
 from varkit_plugins.tokenizers.backbone import BackboneFields, ConvTokenizer
 from varkit_plugins.tokenizers.losses import LossFields
@@ -55,16 +56,6 @@ def _to_schedule(value):
     return value
 
 
-def _positive(instance, attribute, value) -> None:
-    if value <= 0:
-        raise ValueError(f"{attribute.name} is {value}; it must be > 0")
-
-
-def _ratio(instance, attribute, value) -> None:
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"phi_ratio is {value}; it must lie in [0, 1] (VAR: 0.5)")
-
-
 @attrs.frozen(kw_only=True)
 class MSVQConfig(BackboneFields, LossFields):
     """Options of ``msvq``. The defaults are VAR's ``vae_ch160v4096z32``."""
@@ -77,9 +68,9 @@ class MSVQConfig(BackboneFields, LossFields):
     #: scales), "shared" (one), "per_scale" (one per scale), "none" (phi is the identity).
     phi: Literal["none", "shared", "partial", "per_scale"] = "partial"
     #: Number of phi convs with ``phi: partial`` (VAR: 4).
-    phi_convs: int = attrs.field(default=4, validator=_positive)
+    phi_convs: int = attrs.field(default=4, validator=V.positive)
     #: phi(h) = (1 - r)·h + r·conv(h) (VAR: r = 0.5).
-    phi_ratio: float = attrs.field(default=0.5, validator=_ratio)
+    phi_ratio: float = attrs.field(default=0.5, validator=V.fraction)
 
     def __attrs_post_init__(self) -> None:
         self._check_backbone()
