@@ -38,7 +38,7 @@ def _check_labels(labels: torch.Tensor, num_classes: int) -> None:
         )
     if labels.numel() == 0:
         raise VarkitError("labels is empty: pass one class index per image to generate")
-    low, high = int(labels.min()), int(labels.max())
+    low, high = torch.stack(torch.aminmax(labels)).tolist()  # one device sync
     if low < 0 or high > num_classes:
         raise VarkitError(
             f"labels must lie in [0, {num_classes}] ({num_classes} is 'no class'), got values in [{low}, {high}]"
@@ -90,8 +90,7 @@ def _generate(model, tokenizer, sampler, labels, *, generator, dtype):
     doubled = any(t != 0 for t in guidance)
     if doubled:
         labels = torch.cat([labels, torch.full_like(labels, num_classes)])  # (2b,)
-    cache_dtype = dtype if dtype is not None else next(model.parameters()).dtype
-    cache = model.new_cache(labels.shape[0], dtype=cache_dtype, device=device)
+    cache = model.new_cache(labels.shape[0], dtype=dtype, device=device)
     codebook = None
 
     was_training = model.training
