@@ -21,11 +21,8 @@ from torch import nn
 
 from varkit.build import build_model, build_sampler
 from varkit.checkpoint import (
-    latest_checkpoint,
     load_trainer_state,
     load_weights,
-    remove_leftovers,
-    save_checkpoint,
 )
 from varkit.images import save_grid
 from varkit.train import distributed as D
@@ -36,7 +33,6 @@ from varkit.train.loop import (
     CheckpointClock,
     NonFinite,
     Precision,
-    gather_process_state,
     restore_data_state,
     restore_process_rng,
 )
@@ -110,10 +106,7 @@ class ARTrainer:
     def _resume_weights(self) -> dict[str, Any] | None:
         from varkit.pipeline import load_state
 
-        if self.env.main:
-            remove_leftovers(self.ckpt_root)
-        D.barrier(self.env)
-        step_dir = latest_checkpoint(self.ckpt_root)
+        step_dir = loop.find_checkpoint(self.ckpt_root, self.env)
         if step_dir is None:
             return None
         self.step_dir = step_dir
@@ -296,29 +289,19 @@ class ARTrainer:
         if self.ema is not None:
             weights["ema"] = self.ema.state_dict()
         weights["tokenizer"] = self.tokenizer.state_dict()
-        optimizer = D.optimizer_state(self.model, self.optimizer, mode, env)
-        process = gather_process_state(self.stream, env)
-        path = self.ckpt_root / f"step-{self.step:07d}"
-        if env.main:
-            trainer_state = {
-                "step": self.step,
-                "total": self.total,
-                "world_size": env.world_size,
-                "optimizer": optimizer,
-                "scaler": self.scaler.state_dict(),
-                **process,
-            }
-            path = save_checkpoint(
-                self.ckpt_root,
-                self.step,
-                weights=weights,
-                trainer_state=trainer_state,
-                recipe=self.recipe.to_dict(),
-                keep=self.cfg.keep_checkpoints,
-            )
-            log.info("checkpoint %s", path)
-        D.barrier(env)
-        return path
+        optimizer = D.optimizer_state(self.model, self.optimizer, mode, env)  # collectives first
+        return loop.save_stage(
+            self.ckpt_root,
+            step=self.step,
+            total=self.total,
+            env=env,
+            stream=self.stream,
+            recipe=self.recipe,
+            keep=self.cfg.keep_checkpoints,
+            weights=weights,
+            optimizers={"optimizer": optimizer, "scaler": self.scaler.state_dict()},
+            what="checkpoint",
+        )
 
     def _check_replicas(self, metrics: MetricsLog) -> None:
         """Under DDP, confirm that every process ends with the same weights."""

@@ -6,12 +6,14 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from varkit.checkpoint import latest_checkpoint, remove_leftovers, save_checkpoint, step_dir_name
 from varkit.errors import DataError, TrainingError
-from varkit.train.distributed import DistEnv, broadcast_object, gather_objects
+from varkit.train.distributed import DistEnv, barrier, broadcast_object, gather_objects
 from varkit.train.state import capture_rng, restore_rng
 
 log = logging.getLogger(__name__)
@@ -177,3 +179,42 @@ def restore_process_rng(state: dict[str, Any], env: DistEnv) -> None:
     rngs = state.get("rng") or []
     if len(rngs) == env.world_size:
         restore_rng(rngs[env.rank], env.device)
+
+
+# ---------------------------------------------------------------- checkpoints of a stage
+
+
+def find_checkpoint(ckpt_root: Path, env: DistEnv) -> Path | None:
+    """The checkpoint a stage resumes from, after rank 0 cleared what a crash left behind."""
+    if env.main:
+        remove_leftovers(ckpt_root)
+    barrier(env)
+    return latest_checkpoint(ckpt_root)
+
+
+def save_stage(
+    ckpt_root: Path,
+    *,
+    step: int,
+    total: int,
+    env: DistEnv,
+    stream,
+    recipe,
+    keep: int,
+    weights: dict[str, dict[str, torch.Tensor]],
+    optimizers: dict[str, Any],
+    what: str,
+) -> Path:
+    """Checkpoint a training stage (every rank calls it): ``weights`` as safetensors, and
+    beside them the step, ``optimizers`` (optimizer and scaler states by name) and every
+    rank's RNG and data-stream state. Returns the step directory."""
+    process = gather_process_state(stream, env)
+    path = ckpt_root / step_dir_name(step)
+    if env.main:
+        state = {"step": step, "total": total, "world_size": env.world_size, **optimizers, **process}
+        path = save_checkpoint(
+            ckpt_root, step, weights=weights, trainer_state=state, recipe=recipe.to_dict(), keep=keep
+        )
+        log.info("%s %s", what, path)
+    barrier(env)
+    return path

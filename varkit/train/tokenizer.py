@@ -20,11 +20,8 @@ from torch import nn
 from varkit.build import build_tokenizer
 from varkit.checkpoint import (
     checkpoint_step,
-    latest_checkpoint,
     load_trainer_state,
     load_weights,
-    remove_leftovers,
-    save_checkpoint,
 )
 from varkit.errors import RecipeError
 from varkit.images import save_grid
@@ -35,7 +32,6 @@ from varkit.train.loop import (
     CheckpointClock,
     NonFinite,
     Precision,
-    gather_process_state,
     restore_data_state,
     restore_process_rng,
 )
@@ -99,10 +95,7 @@ class TokenizerTrainer:
     def _resume(self) -> None:
         from varkit.pipeline import load_state
 
-        if self.env.main:
-            remove_leftovers(self.ckpt_root)
-        D.barrier(self.env)
-        step_dir = latest_checkpoint(self.ckpt_root)
+        step_dir = loop.find_checkpoint(self.ckpt_root, self.env)
         if step_dir is None:
             return
         load_state(self.tokenizer, load_weights(step_dir, "tokenizer"), what=f"tokenizer of {step_dir}")
@@ -252,32 +245,24 @@ class TokenizerTrainer:
         return {k: v / self.env.world_size for k, v in zip(keys, values.tolist())}
 
     def _save(self) -> Path:
-        env = self.env
-        process = gather_process_state(self.stream, env)
-        path = self.ckpt_root / f"step-{self.step:07d}"
-        if env.main:
-            state = {
-                "step": self.step,
-                "total": self.total,
-                "world_size": env.world_size,
+        self.step_dir = loop.save_stage(
+            self.ckpt_root,
+            step=self.step,
+            total=self.total,
+            env=self.env,
+            stream=self.stream,
+            recipe=self.recipe,
+            keep=self.cfg.keep_checkpoints,
+            weights={"tokenizer": self.tokenizer.state_dict()},
+            optimizers={
                 "optimizer": self.opt_g.state_dict(),
                 "optimizer_disc": self.opt_d.state_dict() if self.opt_d is not None else None,
                 "scaler": self.scaler_g.state_dict(),
                 "scaler_disc": self.scaler_d.state_dict(),
-                **process,
-            }
-            path = save_checkpoint(
-                self.ckpt_root,
-                self.step,
-                weights={"tokenizer": self.tokenizer.state_dict()},
-                trainer_state=state,
-                recipe=self.recipe.to_dict(),
-                keep=self.cfg.keep_checkpoints,
-            )
-            log.info("tokenizer checkpoint %s", path)
-        self.step_dir = path
-        D.barrier(env)
-        return path
+            },
+            what="tokenizer checkpoint",
+        )
+        return self.step_dir
 
     @torch.no_grad()
     def _reconstruct(self, images: torch.Tensor | None, name: str) -> None:
