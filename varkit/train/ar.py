@@ -29,12 +29,10 @@ from varkit.train import distributed as D
 from varkit.train import loop
 from varkit.train.ema import EMA
 from varkit.train.loop import (
-    Batches,
     CheckpointClock,
     NonFinite,
     Precision,
     restore_data_state,
-    restore_process_rng,
 )
 from varkit.train.metrics import MetricsLog, StepGroups, peak_flops
 from varkit.train.optim import build_adamw, param_groups, set_lr_wd
@@ -142,13 +140,7 @@ class ARTrainer:
             tensorboard_dir=self.out_dir / "tensorboard" if cfg.tensorboard else None,
             resume_step=self.step,
         )
-        batches = Batches(self.stream)
-        batches.start()
-        # RNG last: creating the iterator above may draw from it, as it did in the first run.
-        if self._pending_rng is not None:
-            restore_process_rng(self._pending_rng, env)
-        else:
-            seed_everything(self.recipe.seed + 1 + env.rank)  # dropout etc. differ per rank
+        batches = loop.start_batches(self.stream, self._pending_rng, self.recipe.seed, env)
 
         groups = StepGroups(self.unit.step_lengths, device)
         seq_len = self.unit.seq_len

@@ -14,7 +14,7 @@ import torch
 from varkit.checkpoint import latest_checkpoint, remove_leftovers, save_checkpoint, step_dir_name
 from varkit.errors import DataError, TrainingError
 from varkit.train.distributed import DistEnv, barrier, broadcast_object, gather_objects
-from varkit.train.state import capture_rng, restore_rng
+from varkit.train.state import capture_rng, restore_rng, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +179,19 @@ def restore_process_rng(state: dict[str, Any], env: DistEnv) -> None:
     rngs = state.get("rng") or []
     if len(rngs) == env.world_size:
         restore_rng(rngs[env.rank], env.device)
+
+
+def start_batches(stream, resumed: dict[str, Any] | None, seed: int, env: DistEnv) -> Batches:
+    """Start reading ``stream``, then set this rank's RNG: the resumed checkpoint's state,
+    or ``seed + 1 + rank`` (dropout etc. differ per rank). RNG last: creating the
+    iterator may draw from it, as it did in the first run."""
+    batches = Batches(stream)
+    batches.start()
+    if resumed is not None:
+        restore_process_rng(resumed, env)
+    else:
+        seed_everything(seed + 1 + env.rank)
+    return batches
 
 
 # ---------------------------------------------------------------- checkpoints of a stage

@@ -28,12 +28,10 @@ from varkit.images import save_grid
 from varkit.train import distributed as D
 from varkit.train import loop
 from varkit.train.loop import (
-    Batches,
     CheckpointClock,
     NonFinite,
     Precision,
     restore_data_state,
-    restore_process_rng,
 )
 from varkit.train.metrics import MetricsLog
 from varkit.train.optim import build_adamw, param_groups, set_lr_wd
@@ -129,12 +127,7 @@ class TokenizerTrainer:
             tensorboard_dir=self.root / "tensorboard" if cfg.tensorboard else None,
             resume_step=self.step,
         )
-        batches = Batches(self.stream)
-        batches.start()
-        if self._pending is not None:
-            restore_process_rng(self._pending, env)
-        else:
-            seed_everything(self.recipe.seed + 1 + env.rank)
+        batches = loop.start_batches(self.stream, self._pending, self.recipe.seed, env)
         guard = NonFinite(device)
         clock = CheckpointClock(cfg.checkpoint_every, cfg.checkpoint_minutes, env)
         progress = Progress("tokenizer", total=self.total, start=self.step, enabled=env.main)
