@@ -6,9 +6,17 @@ import os
 
 import pytest
 import torch
+from hypothesis import settings
 
 # Two cores in CI: more threads only add contention.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# The suite is reproducible: every run tries the same examples, so a red run can be
+# rerun and a green main stays green. `pytest --hypothesis-profile explore` searches
+# afresh with more examples (what to run after changing an invariant's code).
+settings.register_profile("default", derandomize=True, deadline=None)
+settings.register_profile("explore", max_examples=1000, deadline=None)
+settings.load_profile("default")
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,7 @@ import itertools
 import math
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from varkit.train.config import TrainConfig
@@ -70,6 +70,8 @@ def test_unknown_schedule_is_refused():
     start=st.floats(0, 1),
     final=st.floats(0, 1),
 )
+# warmup ends on the last step: the step after warmup is the peak, not the floor
+@example(total=2, warm_frac=0.5, schedule="lin0", start=1.0, final=0.0)
 def test_lr_stays_between_floor_and_peak_and_never_rises_after_warmup(
     total, warm_frac, schedule, start, final
 ):

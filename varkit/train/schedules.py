@@ -37,7 +37,8 @@ def lr_factor(
     if schedule == "constant":
         return 1.0
     span = total - 1 - warmup
-    done = min(1.0, (step - warmup) / span) if span > 0 else 1.0  # 0 -> 1 after warmup
+    # 0 -> 1 after warmup; with no step left to decay over, the one after warmup is the peak
+    done = min(1.0, (step - warmup) / span) if span > 0 else 0.0
     if schedule == "cos":
         return final_lr_ratio + (1.0 - final_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * done))
     if schedule == "lin0":
