@@ -73,7 +73,7 @@ def build(recipe: dict, device: torch.device, *, seed: int = 0):
 
     torch.manual_seed(seed)
     validated = from_dict(recipe)
-    tokenizer = build_tokenizer(validated, device=device, load_weights=False).eval().requires_grad_(False)
+    tokenizer = build_tokenizer(validated, device=device).eval().requires_grad_(False)
     model = build_model(validated, tokenizer, device=device)
     return tokenizer, model, build_sampler(validated)
 

@@ -54,15 +54,15 @@ def measure(recipe_path: str | None, depth: int | None, batch: int, precision: s
     import torch
 
     from varkit.build import build_model, build_tokenizer
-    from varkit.train.ar import ar_loss
-    from varkit.train.config import TrainConfig
+    from varkit.model.loss import ar_loss
+    from varkit.recipe.train import TrainConfig
     from varkit.train.loop import Precision
     from varkit.train.optim import build_adamw, param_groups
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1)))
     recipe = _recipe(recipe_path, depth)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = build_tokenizer(recipe, device=device, load_weights=False).eval().requires_grad_(False)
+    tokenizer = build_tokenizer(recipe, device=device).eval().requires_grad_(False)
     model = build_model(recipe, tokenizer, device=device).train()
     unit = model.unit
     cfg = TrainConfig(steps=1, lr=1e-4, precision=precision)

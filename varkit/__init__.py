@@ -1,7 +1,12 @@
 """varkit: a plugin framework for visual autoregressive image generation.
 
 The public surface: the four plugin base classes and the ``hookimpl`` marker for plugin
-authors, ``load`` and ``from_official_var`` for users, and the error hierarchy.
+authors, ``load`` and ``from_official_var`` for users (:mod:`varkit.pipeline`), and the
+error hierarchy.
+
+``load`` and ``from_official_var`` are imported on first use: a plugin package's
+``import varkit`` must not pull in the whole engine (the registry imports plugins,
+plugins import this facade).
 """
 
 from __future__ import annotations
@@ -9,8 +14,7 @@ from __future__ import annotations
 from varkit.base import AttentionBackend, PredictionUnit, Sampler, Tokenizer
 from varkit.errors import CheckpointError, DataError, PluginError, RecipeError, TrainingError, VarkitError
 from varkit.hookspecs import hookimpl
-
-__version__ = "0.1.0"
+from varkit.version import __version__
 
 __all__ = [
     "AttentionBackend",
@@ -29,16 +33,12 @@ __all__ = [
     "load",
 ]
 
-
-def load(path, **kwargs):
-    """Load a pipeline from a run directory or a varkit checkpoint directory."""
-    from varkit.pipeline import load as _load
-
-    return _load(path, **kwargs)
+_FRONT_DOOR = {"load", "from_official_var"}
 
 
-def from_official_var(vae_ckpt, var_ckpt, **kwargs):
-    """A pipeline from the official VAR release files (``vae_ch160v4096z32.pth``, ``var_dN.pth``)."""
-    from varkit.official import from_official_var as _from_official_var
+def __getattr__(name: str):
+    if name in _FRONT_DOOR:
+        from varkit import pipeline
 
-    return _from_official_var(vae_ckpt, var_ckpt, **kwargs)
+        return getattr(pipeline, name)
+    raise AttributeError(f"module 'varkit' has no attribute {name!r}")

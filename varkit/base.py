@@ -141,6 +141,19 @@ class Tokenizer(PluginBase, nn.Module):
         """Decode a feature map ``(b, c, hK, wK)`` into images ``(b, 3, H, W)`` in [-1, 1]."""
         raise NotImplementedError
 
+    # -- released weights ------------------------------------------------------
+    @classmethod
+    def from_release(cls, state: dict[str, torch.Tensor], **overrides) -> Tokenizer:
+        """A tokenizer holding the weights of a published release's own state dict.
+
+        Importers of foreign checkpoints (:mod:`varkit.importers`) find the plugin in the
+        registry and call this, so the knowledge of a release's layout stays with the
+        plugin that implements its architecture. ``overrides`` set config fields the
+        state dict cannot tell. Raises :class:`varkit.CheckpointError` naming the keys
+        that do not fit.
+        """
+        raise NotImplementedError(f"tokenizer {cls.name!r} reads no released weights")
+
     # -- training --------------------------------------------------------------
     def training_losses(self, images: torch.Tensor, *, step: int) -> TokenizerLosses:
         """The tokenizer's own training losses on images ``(b, 3, H, W)`` in [-1, 1].

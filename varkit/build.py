@@ -1,32 +1,28 @@
-"""Building the parts of a run from a validated recipe."""
+"""Building the parts of a run from a validated recipe: modules with fresh weights.
+
+Loading weights into them is :mod:`varkit.loading`.
+"""
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import attrs
 import torch
 
 from varkit.base import AttentionBackend, Sampler, Tokenizer
+from varkit.defaults import DEFAULT_PLUGINS
 from varkit.errors import RecipeError
+from varkit.model.transformer import ARModel
+from varkit.plugins import registry
 from varkit.recipe import Recipe
 
-log = logging.getLogger(__name__)
 
-
-def build_tokenizer(
-    recipe: Recipe, *, device: torch.device | str = "cpu", load_weights: bool = True
-) -> Tokenizer:
-    """The recipe's tokenizer; with ``tokenizer.weights`` set, those weights loaded."""
+def build_tokenizer(recipe: Recipe, *, device: torch.device | str = "cpu") -> Tokenizer:
+    """The recipe's tokenizer with freshly initialised weights (``tokenizer.weights`` is
+    :func:`varkit.loading.recipe_tokenizer`'s business)."""
     section = recipe.tokenizer
-    tokenizer = section.cls(section.config).to(device)
-    if load_weights and section.weights:
-        from varkit.pipeline import load_tokenizer_weights
-
-        load_tokenizer_weights(tokenizer, section.weights)
-        log.info("tokenizer weights from %s", section.weights)
-    return tokenizer
+    return section.cls(section.config).to(device)
 
 
 def build_attention(recipe: Recipe) -> AttentionBackend:
@@ -35,8 +31,6 @@ def build_attention(recipe: Recipe) -> AttentionBackend:
 
 def build_model(recipe: Recipe, tokenizer: Tokenizer, *, device: torch.device | str = "cpu"):
     """The AR transformer with the recipe's unit and attention backend."""
-    from varkit.model.transformer import ARModel
-
     unit = recipe.unit.cls(recipe.unit.config, tokenizer=tokenizer, width=recipe.model.width)
     model = ARModel(
         recipe.model,
@@ -54,12 +48,10 @@ def build_sampler(recipe: Recipe | None = None, name: str | None = None, **optio
     Raises:
         RecipeError: an option is not a field of that sampler's Config.
     """
-    from varkit.plugins import registry
-
     if name is None and recipe is not None:
         name, config = recipe.sampler.name, recipe.sampler.config
     else:
-        name = name or "topk_topp"
+        name = name or DEFAULT_PLUGINS["sampler"]
         config = None
     cls = registry().get("sampler", name)
     config = config if config is not None and type(config) is cls.Config else cls.Config()

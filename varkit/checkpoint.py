@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 import yaml
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from varkit.errors import CheckpointError
 
@@ -177,8 +179,6 @@ def save_checkpoint(
     Returns:
         The new step directory.
     """
-    from safetensors.torch import save_file
-
     if keep < 1:
         raise ValueError(f"keep is {keep}; keep at least the checkpoint being written")
     root = Path(ckpt_root)
@@ -247,9 +247,6 @@ def load_weights(step_dir: str | os.PathLike, name: str) -> dict[str, torch.Tens
     Raises:
         CheckpointError: the file is missing or unreadable.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     step_dir = Path(step_dir)
     file = step_dir / f"{name}.safetensors"
     if not file.is_file():

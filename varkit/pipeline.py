@@ -1,21 +1,25 @@
-"""A trained model ready to use: tokenizer + AR transformer + sampler.
+"""The Python front door: a trained model ready to use, tokenizer + AR transformer + sampler.
 
 ``varkit.load(run_dir_or_checkpoint)`` and ``varkit.from_official_var(vae, var)`` return
-a :class:`Pipeline`.
+a :class:`Pipeline`. Where the weights come from is :mod:`varkit.loading` and
+:mod:`varkit.importers`; what a pipeline runs is :mod:`varkit.generation`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
+import attrs
 import torch
 
 from varkit.base import Sampler, Tokenizer
-from varkit.errors import CheckpointError
+from varkit.build import build_sampler
+from varkit.defaults import SMOOTH_SAMPLER
+from varkit.generation import generate_images
+from varkit.importers import var as var_release
+from varkit.loading import Loaded, load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +37,11 @@ class Pipeline:
     def __init__(
         self, tokenizer: Tokenizer, model: torch.nn.Module, *, sampler: Sampler | None = None, recipe=None
     ):
+        """Args: the tokenizer, the AR model, a sampler (None: the recipe's) and the recipe."""
         self.tokenizer = tokenizer.eval()
         self.model = model.eval()
         self.recipe = recipe
         if sampler is None:
-            from varkit.build import build_sampler
-
             sampler = build_sampler(recipe)
         self.sampler = sampler
 
@@ -53,8 +56,6 @@ class Pipeline:
 
     def make_sampler(self, sampler: str | Sampler | None = None, **options: Any) -> Sampler:
         """A sampler: ``sampler`` (a name or an instance) or this pipeline's, with options set."""
-        from varkit.build import build_sampler
-
         options = {k: v for k, v in options.items() if v is not None}
         if isinstance(sampler, Sampler):
             if options:
@@ -64,8 +65,6 @@ class Pipeline:
             return self.sampler
         name = sampler if sampler is not None else self.sampler.name
         base = self.sampler if name == self.sampler.name else None
-        import attrs
-
         config = attrs.evolve(base.config, **options) if base is not None else None
         if config is not None:
             return type(base)(config)
@@ -99,10 +98,8 @@ class Pipeline:
         Returns:
             Images ``(b, 3, H, W)`` in [0, 1].
         """
-        from varkit.generation import generate_images
-
         if more_smooth:
-            sampler = sampler or "gumbel"
+            sampler = sampler or SMOOTH_SAMPLER
         chosen = self.make_sampler(sampler, cfg=cfg, top_k=top_k, top_p=top_p)
         labels = torch.as_tensor(labels, dtype=torch.long, device=self.device).reshape(-1)
         generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -115,8 +112,10 @@ class Pipeline:
         inputs = unit.teacher_forcing(codes, self.tokenizer)
         return self.model(inputs, labels.to(self.device))
 
-
-# ------------------------------------------------------------------------- loading
+    @classmethod
+    def from_loaded(cls, loaded: Loaded, *, device: torch.device | str = "cpu") -> Pipeline:
+        """A pipeline of what :mod:`varkit.loading` or an importer loaded, moved to ``device``."""
+        return cls(loaded.tokenizer, loaded.model, recipe=loaded.recipe).to(device)
 
 
 def load(path: str | os.PathLike, *, device: torch.device | str = "cpu", ema: bool = True) -> Pipeline:
@@ -125,104 +124,24 @@ def load(path: str | os.PathLike, *, device: torch.device | str = "cpu", ema: bo
     Args:
         path: ``out_dir`` of a run (its latest checkpoint is used), a
             ``checkpoints/step-N`` directory, or a directory written by ``varkit import``.
+        device: where the pipeline runs.
         ema: use the EMA weights when the checkpoint has them.
 
     Raises:
         CheckpointError: nothing loadable at ``path``, or weights that do not fit.
     """
-    from varkit import recipe as recipe_mod
-    from varkit.build import build_model, build_tokenizer
-    from varkit.checkpoint import latest_checkpoint, load_weights, read_recipe
-
-    step_dir = latest_checkpoint(Path(path))
-    if step_dir is None:
-        raise CheckpointError(
-            f"no checkpoint found at {path}: expected a run directory with checkpoints/latest, "
-            "a checkpoint directory, or the output of `varkit import`"
-        )
-    recipe = recipe_mod.from_dict(read_recipe(step_dir), source=str(step_dir / "recipe.yaml"))
-    tokenizer = build_tokenizer(recipe, load_weights=False)
-    load_state(tokenizer, load_weights(step_dir, "tokenizer"), what=f"tokenizer of {step_dir}")
-    model = build_model(recipe, tokenizer)
-    name = "ema" if ema and (step_dir / "ema.safetensors").is_file() else "model"
-    load_state(model, load_weights(step_dir, name), what=f"{name} weights of {step_dir}")
-    log.info("loaded %s (%s weights)", step_dir, name)
-    return Pipeline(tokenizer, model, recipe=recipe).to(device)
+    return Pipeline.from_loaded(load_checkpoint(path, ema=ema), device=device)
 
 
-def load_tokenizer(path: str | os.PathLike, *, device: torch.device | str = "cpu") -> Tokenizer:
-    """The tokenizer of a run (tokenizer stage or AR run) or of a checkpoint directory."""
-    from varkit import recipe as recipe_mod
-    from varkit.build import build_tokenizer
-    from varkit.checkpoint import load_weights, read_recipe
+def from_official_var(
+    vae_ckpt: str | os.PathLike, var_ckpt: str | os.PathLike, *, device: torch.device | str = "cpu"
+) -> Pipeline:
+    """A pipeline from the official VAR release files (``vae_ch160v4096z32.pth``, ``var_dN.pth``).
 
-    step_dir = _tokenizer_checkpoint(Path(path))
-    recipe = recipe_mod.from_dict(read_recipe(step_dir), source=str(step_dir / "recipe.yaml"))
-    tokenizer = build_tokenizer(recipe, load_weights=False)
-    load_state(tokenizer, load_weights(step_dir, "tokenizer"), what=f"tokenizer of {step_dir}")
-    return tokenizer.to(device).eval()
+    Depth, width, heads, vocabulary and classes are read off the state dicts. Every key
+    of both files must be consumed and every shape must match.
 
-
-def load_tokenizer_weights(tokenizer: Tokenizer, path: str | os.PathLike) -> None:
-    """Load a tokenizer's weights from a file or a directory.
-
-    ``path`` is a run, a checkpoint directory, a ``.safetensors`` file, or a plain
-    ``.pth`` state dict (read with ``weights_only=True``) such as the official VAR
-    release's ``vae_ch160v4096z32.pth``.
+    Raises:
+        CheckpointError: a missing, truncated or mismatched file, naming the keys.
     """
-    from varkit.checkpoint import load_weights
-
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        if not path.is_file():
-            raise CheckpointError(f"tokenizer weights {path} do not exist")
-        state = load_file(str(path))
-    elif path.suffix in (".pth", ".pt"):  # e.g. the official vae_ch160v4096z32.pth
-        from varkit.official import read_state_dict
-
-        state = read_state_dict(path, "tokenizer checkpoint")
-    else:
-        state = load_weights(_tokenizer_checkpoint(path), "tokenizer")
-    load_state(tokenizer, state, what=f"tokenizer weights {path}")
-
-
-def _tokenizer_checkpoint(path: Path) -> Path:
-    """The checkpoint holding a tokenizer: of the run (or checkpoint) at ``path``, else of
-    its tokenizer stage."""
-    from varkit.checkpoint import latest_checkpoint
-
-    step_dir = latest_checkpoint(path) or latest_checkpoint(path / "tokenizer")
-    if step_dir is None:
-        raise CheckpointError(f"no tokenizer checkpoint found at {path}")
-    return step_dir
-
-
-def check_state_dict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], *, what: str) -> None:
-    """Raise :class:`CheckpointError` naming the keys unless ``state`` fits ``module`` exactly.
-
-    Every key of ``module.state_dict()`` must be in ``state`` with the same shape, and
-    ``state`` must hold no other key.
-    """
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    mismatched = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in sorted(set(own) & set(state))
-        if tuple(own[k].shape) != tuple(state[k].shape)
-    ]
-    parts = []
-    for label, keys in (("missing", missing), ("unexpected", unexpected), ("mismatched shapes", mismatched)):
-        if keys:
-            shown = ", ".join(keys[:10]) + (f" ... ({len(keys)} in all)" if len(keys) > 10 else "")
-            parts.append(f"{label}: {shown}")
-    if parts:
-        raise CheckpointError(f"{what} do not fit the model ({'; '.join(parts)})")
-
-
-def load_state(module: torch.nn.Module, state: dict[str, torch.Tensor], *, what: str) -> None:
-    """``load_state_dict(strict=True)`` with an error that names the keys that differ."""
-    check_state_dict(module, state, what=what)
-    module.load_state_dict(state, strict=True)
+    return Pipeline.from_loaded(var_release.read_release(vae_ckpt, var_ckpt), device=device)

@@ -8,13 +8,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
+
+from varkit.errors import VarkitError
+from varkit.images import save_grid, to_uint8
 
 log = logging.getLogger(__name__)
 
 
 def sample_to_dir(
-    checkpoint: str | os.PathLike,
+    pipe,
     out: Path,
     *,
     classes: list[int],
@@ -26,27 +30,18 @@ def sample_to_dir(
     more_smooth: bool = False,
     seed: int = 0,
     batch_size: int = 32,
-    device: str = "cpu",
-    ema: bool = True,
 ) -> Path:
-    """Generate ``per_class`` images of each class into ``out``.
+    """Generate ``per_class`` images of each class with ``pipe`` (a
+    :class:`varkit.pipeline.Pipeline`) into ``out``.
 
     Writes ``out/images/{class:04d}_{i:03d}.png``, ``out/grid.png`` (a row per class)
     and ``out/samples.npz`` with ``arr_0`` (uint8 N×H×W×3) and ``labels`` (N,).
     Image ``i`` of the whole list is generated with seed ``seed + batch index``, so
     the same arguments give the same files.
     """
-    from PIL import Image
-
-    from varkit.images import save_grid, to_uint8
-    from varkit.pipeline import load
-
-    pipe = load(checkpoint, device=device, ema=ema)
     num_classes = pipe.model.config.num_classes
     bad = [c for c in classes if not 0 <= c < num_classes]
     if bad:
-        from varkit.errors import VarkitError
-
         raise VarkitError(f"classes {bad} are outside 0..{num_classes - 1} of this model")
     labels = torch.tensor([c for c in classes for _ in range(per_class)])
     chunks = []

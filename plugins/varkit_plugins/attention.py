@@ -17,11 +17,12 @@ import attrs
 import torch
 import torch.nn.functional as F
 
-import varkit
+from varkit.base import AttentionBackend
+from varkit.hookspecs import hookimpl
 from varkit.masks import BlockCausal
 
 
-class MathAttention(varkit.AttentionBackend):
+class MathAttention(AttentionBackend):
     """The plain reference: explicit ``softmax(q k^T * scale + mask) v``.
 
     Scores, softmax and the weighted sum are computed in float32 whatever the input
@@ -39,7 +40,7 @@ class MathAttention(varkit.AttentionBackend):
             return torch.einsum("bhqk,bhkd->bhqd", weights, v.float()).to(q.dtype)
 
 
-class SDPAttention(varkit.AttentionBackend):
+class SDPAttention(AttentionBackend):
     """``torch.nn.functional.scaled_dot_product_attention`` (CPU and GPU).
 
     Plain causal masks use ``is_causal=True`` (no mask tensor at all); other
@@ -57,7 +58,7 @@ class SDPAttention(varkit.AttentionBackend):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense(q.device), scale=scale)
 
 
-class FlexAttention(varkit.AttentionBackend):
+class FlexAttention(AttentionBackend):
     """``torch.nn.attention.flex_attention`` with a block mask built from the step ids.
 
     The block mask lets the fused kernel skip every tile above the block-causal
@@ -112,7 +113,7 @@ def _flex_block_mask(mask: BlockCausal, device: str):
     return create_block_mask(visible, None, None, mask.seq_len, mask.seq_len, device=device)
 
 
-class XFormersAttention(varkit.AttentionBackend):
+class XFormersAttention(AttentionBackend):
     """``xformers.ops.memory_efficient_attention`` (CUDA).
 
     Plain causal masks use xformers' ``LowerTriangularMask``; other block-causal
@@ -155,7 +156,7 @@ def _additive_bias(mask: BlockCausal, device: str, dtype: torch.dtype) -> torch.
     return bias[..., :length]
 
 
-@varkit.hookimpl
+@hookimpl
 def varkit_register_attention_backends(register):
     register(MathAttention)
     register(SDPAttention)

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from attrs import validators as v
 
-import varkit
+from varkit.base import Sampler
+from varkit.hookspecs import hookimpl
 
 
 @attrs.frozen(kw_only=True)
@@ -91,7 +92,7 @@ def _draw(values: torch.Tensor, index: torch.Tensor | None, generator: torch.Gen
     return (pick if index is None else index.gather(-1, pick)).squeeze(-1)
 
 
-class TopKTopP(varkit.Sampler):
+class TopKTopP(Sampler):
     """Top-k, then top-p on what is left, then a multinomial draw (VAR's sampler)."""
 
     name = "topk_topp"
@@ -107,7 +108,7 @@ class TopKTopP(varkit.Sampler):
         return _draw(values, index, generator).reshape(b, l)
 
 
-class Greedy(varkit.Sampler):
+class Greedy(Sampler):
     """The most likely code at every position (guidance as ``topk_topp``'s)."""
 
     name = "greedy"
@@ -144,7 +145,7 @@ class Gumbel(TopKTopP):
         return weights.reshape(b, l, vocab)
 
 
-@varkit.hookimpl
+@hookimpl
 def varkit_register_samplers(register):
     register(TopKTopP)
     register(Greedy)

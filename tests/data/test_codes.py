@@ -87,9 +87,9 @@ def test_code_shards_round_trip(image_folder, tmp_path, vocab):
 
 def test_tokenize_cli_and_schedule_check(image_folder, tmp_path, monkeypatch, capsys):
     root, _ = image_folder
-    import varkit.pipeline
+    import varkit.cli.shards
 
-    monkeypatch.setattr(varkit.pipeline, "load_tokenizer", lambda path, device="cpu": TinyTokenizer())
+    monkeypatch.setattr(varkit.cli.shards, "load_tokenizer", lambda path, device="cpu": TinyTokenizer())
     out = tmp_path / "codes"
     code = main(
         [
@@ -141,9 +141,9 @@ def test_tokenize_cli_and_schedule_check(image_folder, tmp_path, monkeypatch, ca
 
 
 def test_crops_out_of_range_exit_with_2(image_folder, tmp_path, monkeypatch):
-    import varkit.pipeline
+    import varkit.cli.shards
 
-    monkeypatch.setattr(varkit.pipeline, "load_tokenizer", lambda path, device="cpu": TinyTokenizer())
+    monkeypatch.setattr(varkit.cli.shards, "load_tokenizer", lambda path, device="cpu": TinyTokenizer())
     argv = ["shards", "--tokenize", "run", str(image_folder[0]), str(tmp_path / "c"), "--resolution", "12"]
     assert main([*argv, "--crops", "11"]) == 2
 

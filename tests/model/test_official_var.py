@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from varkit.errors import CheckpointError
+from varkit.importers.var import convert_official_var, official_model_config, official_sizes
 from varkit.masks import BlockCausal
 from varkit.model import ARModel
-from varkit.model.official import convert_official_var, official_model_config, official_sizes
 from varkit_plugins.attention import MathAttention
 from varkit_plugins.tokenizers.msvq import MSVQ, MSVQConfig
 from varkit_plugins.units.scale import NextScale
@@ -333,7 +333,7 @@ def test_wrong_tokenizer_is_a_load_error_not_a_silent_success():
 def test_release_files_become_a_pipeline_and_a_checkpoint(tmp_path):
     """Files in the release's format -> varkit.from_official_var -> images; import -> load."""
     import varkit
-    from varkit.official import import_var
+    from varkit.importers.var import import_release as import_var
     from varkit_plugins.tokenizers.msvq import official_vae_config
 
     vae = MSVQ(

@@ -21,7 +21,7 @@ from varkit import recipe as recipe_mod
 from varkit.build import build_model, build_tokenizer
 from varkit.errors import RecipeError
 from varkit.generation import generate_codes, generate_images
-from varkit.train.ar import ar_loss
+from varkit.model.loss import ar_loss
 
 
 class NextColumn(varkit.PredictionUnit):

@@ -7,7 +7,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from varkit import schedule as schedule_mod
+from varkit import scales
 from varkit.plugins import registry
 from varkit_plugins.tokenizers.msvq import MSVQ, MSVQConfig
 from varkit_plugins.tokenizers.quantize import MultiScaleQuantizer
@@ -44,8 +44,8 @@ def test_registered_under_its_name():
 def test_defaults_are_the_official_vae_built_on_meta():
     with torch.device("meta"):
         tok = MSVQ()
-    assert tok.schedule == tuple((s, s) for s in schedule_mod.VAR_256)
-    assert schedule_mod.num_tokens(tok.schedule) == 680
+    assert tok.schedule == tuple((s, s) for s in scales.VAR_256)
+    assert scales.num_tokens(tok.schedule) == 680
     assert (tok.vocab_size, tok.code_dim, tok.downsample) == (4096, 32, 16)
     assert sum(p.numel() for p in tok.parameters()) == pytest.approx(108.95e6, abs=0.01e6)
     assert len(tok.quantize.quant_resi.qresi_ls) == 4
@@ -77,7 +77,7 @@ def test_schedule_string_and_lists_mean_the_same():
     a = MSVQConfig(**TINY, schedule="1, 2, 4x4, 8")
     b = MSVQConfig(**TINY, schedule=[1, 2, [4, 4], 8])
     assert a.grids == b.grids == ((1, 1), (2, 2), (4, 4), (8, 8))
-    assert MSVQConfig(**TINY).grids == schedule_mod.default(8)
+    assert MSVQConfig(**TINY).grids == scales.default(8)
 
 
 @pytest.mark.parametrize(

@@ -15,9 +15,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from varkit import schedule as schedule_mod
+from varkit import scales
 from varkit.errors import CheckpointError
-from varkit_plugins.tokenizers.msvq import MSVQ, load_official_vae, official_vae_config
+from varkit_plugins.tokenizers.msvq import MSVQ, official_vae_config
 
 #: Every key and shape of the release's checkpoints (shared with tests/model).
 SHAPES_FILE = Path(__file__).parents[1] / "model" / "data" / "var_official_state_dicts.json"
@@ -51,7 +51,7 @@ def narrow_state(seed: int = 0) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def narrow():
     state = narrow_state()
-    return state, load_official_vae(state, norm_groups=8)
+    return state, MSVQ.from_release(state, norm_groups=8)
 
 
 def test_full_size_layout_maps_one_to_one_on_meta():
@@ -67,13 +67,13 @@ def test_full_size_layout_maps_one_to_one_on_meta():
     )
     assert (config.phi, config.phi_convs, config.phi_ratio) == ("partial", 4, 0.5)
     assert config.level_attention and config.mid_attention
-    assert config.grids == tuple((s, s) for s in schedule_mod.VAR_256)
+    assert config.grids == tuple((s, s) for s in scales.VAR_256)
     with torch.device("meta"):
         tok = MSVQ(config)
     own = {k: list(v.shape) for k, v in tok.state_dict().items()}
     assert own == shapes
     # and the loader itself consumes every key without allocating
-    loaded = load_official_vae(meta_state, device="meta")
+    loaded = MSVQ.from_release(meta_state, device="meta")
     assert all(p.is_meta for p in loaded.parameters())
 
 
@@ -103,14 +103,14 @@ def test_keys_that_do_not_fit_are_named(edit, named):
     state = narrow_state()
     edit(state)
     with pytest.raises(CheckpointError, match=named.replace("(", r"\(").replace(")", r"\)")):
-        load_official_vae(state, norm_groups=8)
+        MSVQ.from_release(state, norm_groups=8)
 
 
 def reference_encode(tok: MSVQ, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
     """VAR's multi-scale quantisation written out from the published arithmetic."""
     ticks = torch.linspace(1 / 12, 1 - 1 / 12, 4, dtype=torch.float64)
     convs = tok.quantize.quant_resi.qresi_ls
-    pns = schedule_mod.VAR_256
+    pns = scales.VAR_256
     weight = tok.quantize.embedding.weight.float()
     f = tok.quant_conv(tok.encoder(images)).float()
     rest, f_hat, codes = f.clone(), torch.zeros_like(f), []
@@ -135,7 +135,7 @@ def test_narrow_copy_encodes_and_decodes_as_the_release(narrow):
     _, tok = narrow
     images = torch.rand(1, 3, 256, 256) * 2 - 1
     codes = tok.encode(images)
-    assert [tuple(c.shape) for c in codes] == [(1, s, s) for s in schedule_mod.VAR_256]
+    assert [tuple(c.shape) for c in codes] == [(1, s, s) for s in scales.VAR_256]
     ref_codes, ref_f_hat = reference_encode(tok, images)
     # float64 cdist vs the float32 addmm of the release could only differ on a near tie
     for k, (a, b) in enumerate(zip(codes, ref_codes)):
@@ -148,7 +148,7 @@ def test_narrow_copy_encodes_and_decodes_as_the_release(narrow):
 
 
 def test_a_pth_file_loads_through_the_recipe_weights_path(tmp_path, narrow):
-    from varkit.pipeline import load_tokenizer_weights
+    from varkit.loading import load_tokenizer_weights
 
     state, _ = narrow
     path = tmp_path / "vae_narrow.pth"

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from varkit.errors import PluginError
 from varkit.masks import BlockCausal
-from varkit_plugins.units import rope2d_angles
+from varkit_plugins.units.embeddings import rope2d_angles
 from varkit_plugins.units.patch import NextPatch
 from varkit_plugins.units.token import NextToken
 

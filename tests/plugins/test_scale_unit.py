@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from helpers.fake_tokenizer import FakeConfig, FakeTokenizer
 from helpers.tiny import random_codes, tiny_model, train_steps
 
-from varkit import schedule as schedules
+from varkit import scales as schedules
 from varkit.errors import PluginError, VarkitError
 from varkit.masks import BlockCausal
 from varkit_plugins.units.scale import NextScale

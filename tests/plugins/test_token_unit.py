@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from varkit.errors import PluginError
-from varkit_plugins.units import rope2d_angles
+from varkit_plugins.units.embeddings import rope2d_angles
 from varkit_plugins.units.token import NextToken
 
 

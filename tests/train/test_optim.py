@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from varkit.train.config import TrainConfig
+from varkit.recipe.train import TrainConfig
 from varkit.train.optim import build_adamw, no_decay_names, param_groups, set_lr_wd
 
 

@@ -11,8 +11,9 @@ from PIL import Image
 from train_helpers import tiny_recipe
 
 from varkit import checkpoint as ck
+from varkit.model.loss import StepGroups
 from varkit.train import run
-from varkit.train.metrics import StepGroups, read_metrics
+from varkit.train.metrics import read_metrics
 from varkit.train.progress import Progress
 
 

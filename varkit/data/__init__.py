@@ -7,18 +7,12 @@
   code shards (``varkit.data.codes``).
 - ``varkit.data.synthetic``: coloured shapes written as shards on first use, and
   ``classify``, an analytic classifier of them.
-
-Importing this package is cheap: the heavy modules load on first use of their names.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from varkit.data.config import DataConfig, SyntheticConfig
-
-if TYPE_CHECKING:
-    from varkit.data.stream import Batch, EvalLoader, TrainStream, build_eval_loader, build_train_stream
+from varkit.data.stream import Batch, EvalLoader, TrainStream, build_eval_loader, build_train_stream
 
 __all__ = [
     "Batch",
@@ -29,13 +23,3 @@ __all__ = [
     "build_eval_loader",
     "build_train_stream",
 ]
-
-_LAZY = {"Batch", "EvalLoader", "TrainStream", "build_eval_loader", "build_train_stream"}
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        from varkit.data import stream
-
-        return getattr(stream, name)
-    raise AttributeError(f"module 'varkit.data' has no attribute {name!r}")

@@ -21,6 +21,7 @@ from pathlib import Path
 import attrs
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from varkit.data import transforms
 from varkit.data.folder import CLASSES_NAME, iter_folder, read_classes, scan_image_folder
@@ -178,8 +179,6 @@ def write_code_shards(
         progress: show a tqdm bar.
         source_name: what to record as the tokenizer's origin in ``shards.json``.
     """
-    from tqdm import tqdm
-
     params = crop_params(crops)
     layout = CodeLayout(schedule=tokenizer.schedule, vocab_size=tokenizer.vocab_size, crops=crops)
     samples, total, mapping = _image_source(src)

@@ -8,6 +8,7 @@ The mapping is written beside the shards as ``classes.json`` (``{name: index}``)
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import random
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import attrs
 from PIL import Image
+from tqdm import tqdm
 
 from varkit.data import transforms
 from varkit.data.shards import ShardSink, write_json_atomic
@@ -160,8 +162,6 @@ def write_image_folder(
         workers: processes that read and check the images (0: this process).
         progress: show a tqdm progress bar.
     """
-    from tqdm import tqdm
-
     folder = scan_image_folder(src)
     files = list(folder.files)
     if shuffle:
@@ -215,8 +215,6 @@ class _mapper:
 
 def read_classes(directory: str | os.PathLike) -> dict[str, int] | None:
     """The ``classes.json`` beside shards, or None when there is none."""
-    import json
-
     path = Path(directory) / CLASSES_NAME
     if not path.is_file():
         return None

@@ -43,6 +43,7 @@ from varkit.data import transforms
 from varkit.data.codes import CODE_DTYPES, CodeLayout, split_codes
 from varkit.data.config import DataConfig
 from varkit.data.shards import IMAGE_EXTS, ShardSet, iter_samples, open_shards, parse_label
+from varkit.data.synthetic import ensure_synthetic
 from varkit.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -109,8 +110,6 @@ def resolve_source(config: DataConfig, *, split: str = "train", tokenizer=None) 
         DataError: the pattern names no shards, or they hold the wrong kind of data.
     """
     if config.source == "synthetic":
-        from varkit.data.synthetic import ensure_synthetic
-
         patterns = ensure_synthetic(config)
         return Source(
             kind="images", shards=open_shards(patterns[split], field="data.synthetic"), field="data.synthetic"

@@ -1,18 +1,12 @@
 """Training: the AR model and tokenizers, with exact resume and torchrun scale-out.
 
-``run(recipe)`` is what ``varkit run`` calls; :class:`TrainConfig` is the ``train:`` and
-``tokenizer_train:`` section of a recipe.
+``run(recipe)`` is what ``varkit run`` calls (:mod:`varkit.train.runner`); the options
+of each stage are the recipe's ``train:`` and ``tokenizer_train:`` sections
+(:mod:`varkit.recipe.train`).
 """
 
 from __future__ import annotations
 
-from varkit.train.config import TrainConfig
+from varkit.train.runner import run
 
-__all__ = ["TrainConfig", "run"]
-
-
-def run(recipe, *, force: bool = False):
-    """Train what ``recipe`` describes; see :func:`varkit.train.runner.run`."""
-    from varkit.train.runner import run as _run
-
-    return _run(recipe, force=force)
+__all__ = ["run"]

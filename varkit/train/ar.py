@@ -9,6 +9,7 @@ cross-entropy averaged over every position of every image.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import math
 import time
@@ -16,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from varkit.build import build_model, build_sampler
@@ -24,7 +24,11 @@ from varkit.checkpoint import (
     load_trainer_state,
     load_weights,
 )
+from varkit.errors import TrainingError
+from varkit.evaluate import class_following
+from varkit.generation import generate_images
 from varkit.images import save_grid
+from varkit.model.loss import StepGroups, ar_loss
 from varkit.train import distributed as D
 from varkit.train import loop
 from varkit.train.ema import EMA
@@ -34,24 +38,14 @@ from varkit.train.loop import (
     Precision,
     restore_data_state,
 )
-from varkit.train.metrics import MetricsLog, StepGroups, peak_flops
+from varkit.train.lr import lr_at, weight_decay_at
+from varkit.train.metrics import MetricsLog, peak_flops
 from varkit.train.optim import build_adamw, param_groups, set_lr_wd
 from varkit.train.progress import Progress
-from varkit.train.schedules import lr_at, weight_decay_at
 from varkit.train.state import seed_everything
+from varkit.weights import load_state
 
 log = logging.getLogger(__name__)
-
-
-def ar_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float) -> torch.Tensor:
-    """Per-position cross-entropy ``(b, l)`` of logits ``(b, l, v)`` against targets ``(b, l)``.
-
-    Computed in float32 whatever the autocast dtype: the softmax over 4096 codes loses
-    too much in half precision.
-    """
-    return F.cross_entropy(
-        logits.float().transpose(1, 2), targets, reduction="none", label_smoothing=label_smoothing
-    )
 
 
 def sample_labels(num_classes: int, classes: int, per_class: int) -> torch.Tensor:
@@ -102,8 +96,6 @@ class ARTrainer:
 
     # ---------------------------------------------------------------- resume
     def _resume_weights(self) -> dict[str, Any] | None:
-        from varkit.pipeline import load_state
-
         step_dir = loop.find_checkpoint(self.ckpt_root, self.env)
         if step_dir is None:
             return None
@@ -299,8 +291,6 @@ class ARTrainer:
         """Under DDP, confirm that every process ends with the same weights."""
         if not self.env.distributed or self.cfg.distributed != "ddp":
             return
-        import hashlib
-
         digest = hashlib.sha256()
         for _, tensor in sorted(self.model.state_dict().items()):
             digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
@@ -308,8 +298,6 @@ class ARTrainer:
         same = len(set(digests)) == 1
         metrics.write({"stage": "ar", "step": self.step, "replicas_in_sync": same})
         if not same:
-            from varkit.errors import TrainingError
-
             raise TrainingError(
                 f"the {self.env.world_size} processes ended with different weights: {digests}"
             )
@@ -330,14 +318,10 @@ class ARTrainer:
     @torch.no_grad()
     def _sample(self, name: str, metrics: MetricsLog, *, final: bool = False) -> None:
         """A grid of ``sample_classes`` rows × ``sample_per_class`` images into ``out_dir/samples``."""
-        from varkit.generation import generate_images
-
         env, cfg = self.env, self.cfg
         model = self._sampling_model()
         if model is not None:
-            num_classes = self.model.config.num_classes
-            if self.recipe.data.source == "synthetic":
-                num_classes = min(num_classes, self.recipe.data.classes)
+            num_classes = min(self.model.config.num_classes, self.recipe.data.classes)
             labels = sample_labels(num_classes, cfg.sample_classes, cfg.sample_per_class).to(env.device)
             generator = torch.Generator(device=env.device).manual_seed(self.recipe.seed)
             dtype = self.precision.dtype if env.device.type == "cuda" else None
@@ -358,25 +342,12 @@ class ARTrainer:
                 model.train(was_training)
             path = save_grid(images, self.out_dir / "samples" / name, nrow=cfg.sample_per_class)
             log.info("samples %s", path)
-            if final and self.recipe.data.source == "synthetic":
-                from varkit.data.synthetic import classify
-
-                # Colour alone says whether the class conditioning took; colour and shape
-                # together also need a tokenizer sharp enough to draw the shape.
-                images, labels = images.float().cpu(), labels.cpu()
-                colour = (classify(images, use_shape=False) == labels).float().mean().item()
-                accuracy = (classify(images) == labels).float().mean().item()
-                metrics.write(
-                    {
-                        "stage": "ar",
-                        "step": self.step,
-                        "sample_class_accuracy": accuracy,
-                        "sample_colour_accuracy": colour,
-                    }
-                )
+            report = class_following(images, labels, self.recipe.data) if final else None
+            if report is not None:
+                metrics.write({"stage": "ar", "step": self.step, **report})
                 log.info(
                     "class-following of the final samples: %.3f by colour, %.3f by colour and shape",
-                    colour,
-                    accuracy,
+                    report["sample_colour_accuracy"],
+                    report["sample_class_accuracy"],
                 )
         D.barrier(env)

@@ -17,6 +17,15 @@ import attrs
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
 
 log = logging.getLogger(__name__)
 
@@ -133,8 +142,6 @@ def average_gradients(params: list[nn.Parameter], env: DistEnv) -> None:
 
 
 def is_sharded(tensor: torch.Tensor) -> bool:
-    from torch.distributed.tensor import DTensor
-
     return isinstance(tensor, DTensor)
 
 
@@ -157,13 +164,9 @@ def wrap_model(model: nn.Module, env: DistEnv, mode: str) -> nn.Module:
     if not env.distributed:
         return model
     if mode == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-
         device_ids = [env.device.index] if env.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
     if mode == "fsdp":
-        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-
         for block in getattr(model, "blocks", ()):
             fully_shard(block)
             # The transformer computes every block's AdaLN modulation before running the
@@ -201,8 +204,6 @@ def model_state(model: nn.Module, mode: str, env: DistEnv) -> dict[str, torch.Te
     A collective under FSDP: every rank must call it.
     """
     if env.distributed and mode == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return model.state_dict()
 
@@ -210,8 +211,6 @@ def model_state(model: nn.Module, mode: str, env: DistEnv) -> dict[str, torch.Te
 def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, mode: str, env: DistEnv) -> dict:
     """The whole optimizer state on rank 0 (a collective under FSDP)."""
     if env.distributed and mode == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
         return get_optimizer_state_dict(
             model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
         )
@@ -223,8 +222,6 @@ def load_optimizer_state(
 ) -> None:
     """Load what :func:`optimizer_state` returned (under FSDP, rank 0's copy is broadcast)."""
     if env.distributed and mode == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
         set_optimizer_state_dict(model, optimizer, state if env.main else {}, options=options)
         return

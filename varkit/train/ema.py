@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
+from torch.distributed.tensor import distribute_tensor
 
 from varkit.train.distributed import full_tensor, is_sharded
 
@@ -50,8 +51,6 @@ class EMA:
         for name, shadow in self.shadow.items():
             value = state[name]
             if is_sharded(shadow):
-                from torch.distributed.tensor import distribute_tensor
-
                 value = distribute_tensor(
                     value.to(shadow.device_mesh.device_type), shadow.device_mesh, shadow.placements
                 )

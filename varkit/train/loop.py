@@ -10,8 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from varkit.checkpoint import latest_checkpoint, remove_leftovers, save_checkpoint, step_dir_name
+from varkit.data import build_train_stream
 from varkit.errors import DataError, TrainingError
 from varkit.train.distributed import DistEnv, barrier, broadcast_object, gather_objects
 from varkit.train.state import capture_rng, restore_rng, seed_everything
@@ -49,8 +51,6 @@ class Precision:
 
 def build_stream(recipe, *, batch_size: int, env: DistEnv, tokenizer=None):
     """The recipe's training stream for this rank (``varkit.data.build_train_stream``)."""
-    from varkit.data import build_train_stream
-
     return build_train_stream(
         recipe.data,
         batch_size=batch_size,
@@ -109,8 +109,6 @@ class NonFinite:
         """Raise :class:`TrainingError` when any rank saw a non-finite loss."""
         flag = self.first_bad.clone()
         if env.distributed:
-            import torch.distributed as dist
-
             flag = torch.where(flag < 0, torch.iinfo(torch.long).max, flag)
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)
             flag = torch.where(flag == torch.iinfo(torch.long).max, -1, flag)

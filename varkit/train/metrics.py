@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from varkit.checkpoint import write_text_atomic
+
 log = logging.getLogger(__name__)
 
 #: Dense bf16/fp16 tensor-core peak FLOP/s by GPU name, for MFU (spec-sheet values).
@@ -103,8 +105,6 @@ class MetricsLog:
                 continue
             if record.get("step", 0) <= step:
                 kept.append(line)
-        from varkit.checkpoint import write_text_atomic
-
         write_text_atomic(self.path, "".join(f"{line}\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:
@@ -133,35 +133,3 @@ class MetricsLog:
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Every record of a ``metrics.jsonl`` file, in order."""
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
-class StepGroups:
-    """Maps the positions of a sequence to at most ``max_groups`` groups of AR steps.
-
-    With few steps (VAR's 10 scales) each step is its own group ``s3``; with many (a
-    raster unit's 256 tokens) neighbouring steps share a group ``s0-15``, so that a
-    metrics line stays readable.
-    """
-
-    def __init__(self, step_lengths: tuple[int, ...], device: torch.device, max_groups: int = 16):
-        steps = len(step_lengths)
-        per = math.ceil(steps / max_groups)
-        self.names = []
-        group_of_step = []
-        for g, first in enumerate(range(0, steps, per)):
-            last = min(first + per, steps) - 1
-            self.names.append(f"s{first}" if first == last else f"s{first}-{last}")
-            group_of_step.extend([g] * (last - first + 1))
-        lengths = torch.tensor(step_lengths)
-        self.index = torch.repeat_interleave(torch.tensor(group_of_step), lengths).to(device)  # (l,)
-        #: positions per group ``(groups,)`` float64, on ``device``
-        self.sizes = torch.bincount(self.index, minlength=len(self.names)).to(torch.float64)
-
-    def reduce(self, per_position: torch.Tensor) -> torch.Tensor:
-        """Sums ``(l,)`` -> sums per group ``(groups,)``."""
-        out = torch.zeros(len(self.names), dtype=per_position.dtype, device=per_position.device)
-        return out.index_add_(0, self.index, per_position)
-
-    def mean(self, per_position: torch.Tensor) -> torch.Tensor:
-        """Means ``(l,)`` -> means per group ``(groups,)``, float64."""
-        return self.reduce(per_position.to(self.sizes.device, torch.float64)) / self.sizes

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from varkit.train.config import TrainConfig
+from varkit.recipe.train import TrainConfig
 
 
 def _matches(name: str, key: str) -> bool:

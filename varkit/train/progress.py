@@ -7,6 +7,8 @@ import logging
 import sys
 import time
 
+from tqdm.auto import tqdm
+
 log = logging.getLogger(__name__)
 
 
@@ -28,8 +30,6 @@ class Progress:
         self._t0 = time.perf_counter()
         self._bar = None
         if enabled and self.tty:
-            from tqdm.auto import tqdm
-
             self._bar = tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True)
 
     def update(self, step: int, metrics: dict | None = None) -> None:

@@ -17,11 +17,17 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
 import yaml
 
+from varkit.build import build_tokenizer
 from varkit.checkpoint import RECIPE, latest_checkpoint, write_text_atomic
 from varkit.errors import TrainingError, VarkitError
+from varkit.loading import recipe_tokenizer
 from varkit.train import distributed as D
+from varkit.train.ar import ARTrainer
+from varkit.train.state import seed_everything
+from varkit.train.tokenizer import TokenizerTrainer
 
 log = logging.getLogger(__name__)
 
@@ -141,29 +147,20 @@ def run(recipe, *, force: bool = False) -> Path:
         if not recipe.train.enabled:
             log.info("train.steps is 0: no AR training")
             return out
-        from varkit.train.ar import ARTrainer
-
         final = ARTrainer(recipe, tokenizer, env, out).train()
         return final if final is not None else out
     finally:
         if created:
-            import torch.distributed as dist
-
             dist.destroy_process_group()
 
 
 def _tokenizer_stage(recipe, env: D.DistEnv, out: Path):
-    from varkit.build import build_tokenizer
-    from varkit.train.state import seed_everything
-
     if recipe.tokenizer.weights:
         if recipe.tokenizer_train.enabled:
             log.info("tokenizer.weights is set: tokenizer_train is skipped")
         seed_everything(recipe.seed)
-        return build_tokenizer(recipe, device=env.device)
+        return recipe_tokenizer(recipe, device=env.device)
     if recipe.tokenizer_train.enabled:
-        from varkit.train.tokenizer import TokenizerTrainer
-
         return TokenizerTrainer(recipe, env, out).train()
     log.warning(
         "the tokenizer has neither weights nor a training stage: the AR model learns the codes of a "

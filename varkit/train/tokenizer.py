@@ -33,11 +33,12 @@ from varkit.train.loop import (
     Precision,
     restore_data_state,
 )
+from varkit.train.lr import lr_at, weight_decay_at
 from varkit.train.metrics import MetricsLog
 from varkit.train.optim import build_adamw, param_groups, set_lr_wd
 from varkit.train.progress import Progress
-from varkit.train.schedules import lr_at, weight_decay_at
 from varkit.train.state import seed_everything
+from varkit.weights import load_state
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ class TokenizerTrainer:
         device = env.device
         self.precision = Precision(cfg.precision, device)
         seed_everything(recipe.seed)
-        self.tokenizer = build_tokenizer(recipe, device=device, load_weights=False)
+        self.tokenizer = build_tokenizer(recipe, device=device)
         self.micro = cfg.micro_batch(env.world_size)
 
         self.stream = loop.build_stream(recipe, batch_size=self.micro, env=env)
@@ -91,8 +92,6 @@ class TokenizerTrainer:
         self._resume()
 
     def _resume(self) -> None:
-        from varkit.pipeline import load_state
-
         step_dir = loop.find_checkpoint(self.ckpt_root, self.env)
         if step_dir is None:
             return

@@ -20,6 +20,7 @@ from typing import Literal
 import attrs
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 
 from varkit import validators as V
@@ -138,8 +139,6 @@ class LPIPS(nn.Module):
 
 def _read_weights(path: str) -> dict[str, torch.Tensor]:
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
         return load_file(path)
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict):

@@ -7,7 +7,7 @@ brought back to the latent grid (bicubic), refined by a phi conv and summed into
 feature map ``f_hat`` that the decoder turns into the image. The defaults are the
 official release's ``vae_ch160v4096z32`` (ImageNet 256, 16× down, 4096 codes of 32
 dims, ten scales 1..16, four phi convs), and its state dict loads as it is:
-:func:`load_official_vae`.
+:meth:`MSVQ.from_release`.
 """
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ import attrs
 import torch
 import torch.nn.functional as F
 
-import varkit
-from varkit import schedule as schedule_mod
+from varkit import scales
 from varkit import validators as V
 from varkit.errors import CheckpointError, VarkitError
+from varkit.hookspecs import hookimpl
+from varkit.weights import check_state_dict
 from varkit_plugins.tokenizers.backbone import BackboneFields, ConvTokenizer
 from varkit_plugins.tokenizers.losses import LossFields
 from varkit_plugins.tokenizers.quantize import MultiScaleQuantizer
@@ -62,7 +63,7 @@ class MSVQConfig(BackboneFields, LossFields):
 
     #: Code-map sizes, coarse to fine, ending at the latent grid: ints for square grids,
     #: ``[h, w]`` pairs otherwise, or a string ``"1,2,3,4"``. null: VAR's 1..16 for a
-    #: 16×16 latent, else a schedule of the same shape (see ``varkit.schedule.default``).
+    #: 16×16 latent, else a schedule of the same shape (see ``varkit.scales.default``).
     schedule: ScheduleSpec | str | None = attrs.field(default=None, converter=_to_schedule)
     #: How the phi convs are shared: "partial" (VAR: ``phi_convs`` convs spread over the
     #: scales), "shared" (one), "per_scale" (one per scale), "none" (phi is the identity).
@@ -82,14 +83,14 @@ class MSVQConfig(BackboneFields, LossFields):
         """The schedule as ``(h, w)`` grids, checked against the latent grid."""
         if self.schedule is None:
             try:
-                return schedule_mod.default(self.latent)
+                return scales.default(self.latent)
             except VarkitError as exc:
                 raise ValueError(str(exc)) from None
         try:
-            grids = schedule_mod.parse(self.schedule)
+            grids = scales.parse(self.schedule)
         except VarkitError as exc:
             raise ValueError(str(exc)) from None
-        problems = schedule_mod.validate(grids, self.latent)
+        problems = scales.validate(grids, self.latent)
         if problems:
             raise ValueError(f"schedule: {'; '.join(problems)}")
         return grids
@@ -140,8 +141,38 @@ class MSVQ(ConvTokenizer):
             return f_hat
         return F.interpolate(f_hat, size=size, mode="area")
 
+    @classmethod
+    def from_release(
+        cls, state: Mapping[str, torch.Tensor], *, device: torch.device | str = "cpu", **overrides
+    ) -> MSVQ:
+        """An :class:`MSVQ` holding the official ``vae_ch160v4096z32.pth`` weights.
 
-@varkit.hookimpl
+        The keys load as they are (the module tree uses the release's names); every key
+        must be consumed and every shape must match. The model is built on the meta device
+        and takes the checkpoint's tensors, so nothing is initialised twice.
+
+        Args:
+            state: the state dict, e.g. ``varkit.weights.read_state_dict(path, "VAE")``.
+            device: where the returned tokenizer lives.
+            overrides: config fields to set instead of those read off the state dict (see
+                :func:`official_vae_config`).
+
+        Returns:
+            The tokenizer in eval mode.
+
+        Raises:
+            CheckpointError: naming the missing, unexpected and mismatched keys.
+        """
+        config = official_vae_config(state, **overrides)
+        with torch.device("meta"):
+            model = cls(config)
+        check_state_dict(model, state, what="VAE state dict")
+        model.load_state_dict(dict(state), strict=True, assign=True)
+        model.quantize.reset_bookkeeping()
+        return model.to(device).eval()
+
+
+@hookimpl
 def varkit_register_tokenizers(register):
     register(MSVQ)
 
@@ -215,7 +246,7 @@ def official_vae_config(state: Mapping[str, torch.Tensor], **overrides) -> MSVQC
         width = fields.get("image_width") or size
         down = 2 ** (len(fields["ch_mult"]) - 1)
         try:
-            grids = schedule_mod.default((size // down, width // down), num_scales)
+            grids = scales.default((size // down, width // down), num_scales)
         except VarkitError as exc:
             raise CheckpointError(
                 f"the state dict has {num_scales} scales: {exc}; pass schedule=..."
@@ -227,35 +258,3 @@ def official_vae_config(state: Mapping[str, torch.Tensor], **overrides) -> MSVQC
         raise CheckpointError(
             f"the VQ-VAE read off the state dict is not a valid msvq config: {exc}"
         ) from None
-
-
-def load_official_vae(
-    state: Mapping[str, torch.Tensor], *, device: torch.device | str = "cpu", **overrides
-) -> MSVQ:
-    """An :class:`MSVQ` holding the official ``vae_ch160v4096z32.pth`` weights.
-
-    The keys load as they are (the module tree uses the release's names); every key
-    must be consumed and every shape must match. The model is built on the meta device
-    and takes the checkpoint's tensors, so nothing is initialised twice.
-
-    Args:
-        state: the state dict, e.g. ``varkit.official.read_state_dict(path, "VAE")``.
-        device: where the returned tokenizer lives.
-        overrides: config fields to set instead of those read off the state dict (see
-            :func:`official_vae_config`).
-
-    Returns:
-        The tokenizer in eval mode.
-
-    Raises:
-        CheckpointError: naming the missing, unexpected and mismatched keys.
-    """
-    from varkit.pipeline import check_state_dict
-
-    config = official_vae_config(state, **overrides)
-    with torch.device("meta"):
-        model = MSVQ(config)
-    check_state_dict(model, state, what="VAE state dict")
-    model.load_state_dict(dict(state), strict=True, assign=True)
-    model.quantize.reset_bookkeeping()
-    return model.to(device).eval()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import attrs
 
-import varkit
+from varkit.hookspecs import hookimpl
 from varkit_plugins.tokenizers.backbone import BackboneFields, ConvTokenizer
 from varkit_plugins.tokenizers.losses import LossFields
 from varkit_plugins.tokenizers.quantize import VectorQuantizer
@@ -52,6 +52,6 @@ class VQ(ConvTokenizer):
         return (self.config.latent,)
 
 
-@varkit.hookimpl
+@hookimpl
 def varkit_register_tokenizers(register):
     register(VQ)

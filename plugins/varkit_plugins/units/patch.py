@@ -12,8 +12,8 @@ from __future__ import annotations
 import attrs
 from attrs import validators as v
 
-import varkit
-from varkit_plugins.units import CellConfig, CellUnit
+from varkit.hookspecs import hookimpl
+from varkit_plugins.units.cells import CellConfig, CellUnit
 
 
 @attrs.frozen(kw_only=True)
@@ -40,6 +40,6 @@ class NextPatch(CellUnit):
         return config.k
 
 
-@varkit.hookimpl
+@hookimpl
 def varkit_register_prediction_units(register):
     register(NextPatch)

@@ -18,17 +18,18 @@ import torch
 from einops import rearrange
 from torch import nn
 
-import varkit
+from varkit.base import PredictionUnit, Tokenizer
 from varkit.errors import PluginError, VarkitError
-from varkit_plugins.units import init_embedding_
+from varkit.hookspecs import hookimpl
+from varkit_plugins.units.embeddings import init_embedding_
 
 
-class NextScale(varkit.PredictionUnit):
+class NextScale(PredictionUnit):
     """Next-scale prediction (VAR): one scale of the code pyramid per step."""
 
     name = "scale"
 
-    def __init__(self, config, *, tokenizer: varkit.Tokenizer, width: int):
+    def __init__(self, config, *, tokenizer: Tokenizer, width: int):
         super().__init__(config, tokenizer=tokenizer, width=width)
         problems = self.check_tokenizer(tokenizer)
         if problems:
@@ -43,7 +44,7 @@ class NextScale(varkit.PredictionUnit):
         self.register_buffer("levels", self.mask().step_ids().clone(), persistent=False)
 
     @classmethod
-    def check_tokenizer(cls, tokenizer: varkit.Tokenizer, config=None) -> list[str]:
+    def check_tokenizer(cls, tokenizer: Tokenizer, config=None) -> list[str]:
         schedule = tuple(tokenizer.schedule)
         if len(schedule) < 2:
             return [
@@ -69,7 +70,7 @@ class NextScale(varkit.PredictionUnit):
         self._check_codes(codes)
         return torch.cat([code.flatten(1) for code in codes], dim=1)  # (b, l)
 
-    def teacher_forcing(self, codes: list[torch.Tensor], tokenizer: varkit.Tokenizer) -> torch.Tensor:
+    def teacher_forcing(self, codes: list[torch.Tensor], tokenizer: Tokenizer) -> torch.Tensor:
         self._check_codes(codes)
         inputs = tokenizer.teacher_forcing_inputs(codes)  # [(b, c, h_k, w_k)] for k = 2..K
         return torch.cat([rearrange(x, "b c h w -> b (h w) c") for x in inputs], dim=1)  # (b, l - l_0, c)
@@ -83,7 +84,7 @@ class NextScale(varkit.PredictionUnit):
             )
 
     # -- generation ---------------------------------------------------------------
-    def start_generation(self, batch: int, tokenizer: varkit.Tokenizer) -> dict:
+    def start_generation(self, batch: int, tokenizer: Tokenizer) -> dict:
         return {"f_hat": None, "codes": []}
 
     def generation_step(self, state, step, codes, emb, tokenizer):
@@ -95,13 +96,13 @@ class NextScale(varkit.PredictionUnit):
             return None
         return rearrange(tokenizer.next_input(state["f_hat"], step), "b c h w -> b (h w) c")
 
-    def finish_generation(self, state: dict, tokenizer: varkit.Tokenizer) -> torch.Tensor:
+    def finish_generation(self, state: dict, tokenizer: Tokenizer) -> torch.Tensor:
         return state["f_hat"]
 
     def generated_codes(self, state: dict) -> list[torch.Tensor]:
         return list(state["codes"])
 
 
-@varkit.hookimpl
+@hookimpl
 def varkit_register_prediction_units(register):
     register(NextScale)

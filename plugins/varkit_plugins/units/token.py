@@ -11,8 +11,8 @@ left by the coarser scales, so predicting it alone would not describe an image.
 
 from __future__ import annotations
 
-import varkit
-from varkit_plugins.units import CellConfig, CellUnit
+from varkit.hookspecs import hookimpl
+from varkit_plugins.units.cells import CellConfig, CellUnit
 
 
 class NextToken(CellUnit):
@@ -30,6 +30,6 @@ class NextToken(CellUnit):
         return 1
 
 
-@varkit.hookimpl
+@hookimpl
 def varkit_register_prediction_units(register):
     register(NextToken)

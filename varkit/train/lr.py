@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 
-from varkit.train.config import TrainConfig
+from varkit.recipe.train import TrainConfig
 
 #: The share of the post-warmup steps that ``lin0`` holds at the peak.
 LIN0_FLAT = 0.05

@@ -1,4 +1,4 @@
-"""The ``varkit shards`` subcommand: image folders to shards, images to code shards."""
+"""``varkit shards``: image folders to shards, images to code shards."""
 
 from __future__ import annotations
 
@@ -6,7 +6,11 @@ import argparse
 import logging
 from pathlib import Path
 
+from varkit.cli.common import device_or_default
+from varkit.data.codes import write_code_shards
+from varkit.data.folder import write_image_folder
 from varkit.errors import DataError
+from varkit.loading import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +58,6 @@ def add_commands(sub: argparse._SubParsersAction, commands: dict) -> None:
 def _shards(args: argparse.Namespace) -> int:
     if args.tokenize:
         return _tokenize(args)
-    from varkit.data.folder import write_image_folder
-
     s = write_image_folder(
         args.src,
         args.out,
@@ -78,12 +80,7 @@ def _shards(args: argparse.Namespace) -> int:
 
 
 def _tokenize(args: argparse.Namespace) -> int:
-    import torch
-
-    from varkit.data.codes import write_code_shards
-    from varkit.pipeline import load_tokenizer
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device_or_default(args.device)
     tokenizer = load_tokenizer(args.tokenize, device=device)
     resolution = args.resolution or getattr(tokenizer.config, "image_size", None)
     if not isinstance(resolution, int):

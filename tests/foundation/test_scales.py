@@ -1,4 +1,4 @@
-"""Scale schedules (varkit.schedule): properties of the defaults, errors, recipe overrides."""
+"""Scale schedules (varkit.scales): properties of the defaults, errors, recipe overrides."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from varkit import recipe as recipe_mod
-from varkit import schedule
+from varkit import scales as schedule
 from varkit.errors import RecipeError
 
 HERE = Path(__file__).parent / "recipes"

@@ -20,32 +20,37 @@ from __future__ import annotations
 import copy
 import inspect
 import os
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import attrs
+import torch
 import yaml
 
 from varkit.config_types import Problem, structure, structure_attrs, unstructure
+from varkit.data.config import DataConfig
+from varkit.defaults import DEFAULT_PLUGINS
 from varkit.errors import RecipeError, VarkitError, did_you_mean
+from varkit.model.transformer import ModelConfig
 from varkit.plugins import KINDS, registry
+from varkit.recipe.train import TrainConfig
 
 PLUGIN_SECTIONS = ("tokenizer", "unit", "attention", "sampler")
 #: Keys a plugin section holds beside the plugin's own Config fields.
 SECTION_KEYS = {"tokenizer": ("name", "weights")}
-DEFAULT_PLUGINS = {"attention": "sdpa", "sampler": "topk_topp"}
 TOP_LEVEL = ("base", "out_dir", "seed", *PLUGIN_SECTIONS, "model", "data", "train", "tokenizer_train")
 COMMAND_LINE = "command line"
 
 
-def _section_types() -> dict[str, type]:
-    # Imported here: the configs live beside the (heavier) code they configure.
-    from varkit.data.config import DataConfig
-    from varkit.model.transformer import ModelConfig
-    from varkit.train.config import TrainConfig
-
-    return {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "tokenizer_train": TrainConfig}
+#: The config class of each section that is not a plugin.
+SECTION_TYPES: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "tokenizer_train": TrainConfig,
+}
 
 
 @attrs.frozen(kw_only=True)
@@ -109,13 +114,13 @@ class _Loader(yaml.SafeLoader):
 
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
-    __import__("re").compile(
+    re.compile(
         r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
         |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
         |\.[0-9_]+(?:[eE][-+][0-9]+)?
         |[-+]?\.(?:inf|Inf|INF)
         |\.(?:nan|NaN|NAN))$""",
-        __import__("re").X,
+        re.X,
     ),
     list("-+0123456789."),
 )
@@ -293,7 +298,7 @@ def _build(tree: _Tree, *, source: str) -> Recipe:
     values["seed"] = structure(int, data.get("seed", 0), "seed", problems)
     for kind in PLUGIN_SECTIONS:
         values[kind] = _plugin_section(kind, data.get(kind), problems)
-    for key, cls in _section_types().items():
+    for key, cls in SECTION_TYPES.items():
         values[key] = structure_attrs(cls, data.get(key), key, problems)
     if not problems:
         _cross_check(values, problems)
@@ -338,8 +343,6 @@ def _plugin_section(kind: str, raw: Any, problems: list[Problem]) -> Any:
 
 def _cross_check(values: dict[str, Any], problems: list[Problem]) -> None:
     """Checks between sections: unit vs tokenizer, tokenizer vs data, classes."""
-    import torch
-
     tok_section, unit_section = values["tokenizer"], values["unit"]
     try:
         with torch.device("meta"):  # shapes only: no memory, no init cost

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from varkit.train.config import TrainConfig
-from varkit.train.schedules import LIN0_FLAT, lr_at, lr_factor, weight_decay_at
+from varkit.recipe.train import TrainConfig
+from varkit.train.lr import LIN0_FLAT, lr_at, lr_factor, weight_decay_at
 
 
 def _cfg(**kw) -> TrainConfig:

@@ -1,6 +1,12 @@
-"""Reading the official VAR transformer checkpoints (``var_d16.pth`` ... ``var_d30.pth``).
+"""The official VAR release (arXiv 2404.02905) as varkit models and checkpoints.
 
-The release's state dicts hold the transformer's parameters under the official module
+The release publishes plain PyTorch state dicts: ``vae_ch160v4096z32.pth`` (the
+multi-scale VQ-VAE, read by the ``msvq`` tokenizer plugin's ``from_release``) and
+``var_d16.pth`` ... ``var_d30.pth`` (class-conditional ImageNet 256×256 transformers,
+converted here). They are read with ``torch.load(weights_only=True)`` only; sizes are
+read off the state dicts.
+
+The transformer state dicts hold the transformer's parameters under the official module
 names plus three non-learned buffers. :func:`official_model_config` reads the
 architecture off the tensors' shapes and :func:`convert_official_var` renames every
 parameter to :class:`~varkit.model.ARModel`'s names for the ``scale`` unit (which owns
@@ -35,12 +41,26 @@ are skipped for tensors on the meta device.
 
 from __future__ import annotations
 
+import logging
+import os
 import re
+from pathlib import Path
+from typing import Any
 
 import torch
 
+from varkit import recipe as recipe_mod
+from varkit.build import build_model
+from varkit.checkpoint import save_checkpoint
+from varkit.config_types import unstructure
+from varkit.defaults import DEFAULT_PLUGINS, OFFICIAL_VAR_SAMPLER
 from varkit.errors import CheckpointError
+from varkit.loading import Loaded
 from varkit.model.transformer import ModelConfig
+from varkit.plugins import registry
+from varkit.weights import load_state, read_state_dict
+
+log = logging.getLogger(__name__)
 
 #: The release's AdaLN gate init (``alng``) per depth; d16/d20 use the default 1e-3.
 RELEASE_ADALN_GAMMA_INIT = {24: 1e-4, 30: 1e-5}
@@ -257,3 +277,65 @@ def convert_official_var(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
             tensor = tensor.reshape(6, -1)  # (1, 1, 6, d) -> (6, d)
         out[name] = tensor
     return out
+
+
+# ------------------------------------------------------------------ whole release
+
+
+def official_recipe(
+    tokenizer_config: Any, model_config: ModelConfig, *, out_dir: str = "runs/official_var"
+) -> dict:
+    """The resolved recipe of an official release model (for loading and sampling)."""
+    return {
+        "out_dir": out_dir,
+        "seed": 0,
+        "tokenizer": {"name": "msvq", "weights": None, **unstructure(tokenizer_config)},
+        "unit": {"name": "scale"},
+        "attention": {"name": DEFAULT_PLUGINS["attention"]},
+        "sampler": dict(OFFICIAL_VAR_SAMPLER),
+        "model": unstructure(model_config),
+        "data": {"resolution": tokenizer_config.image_size, "num_classes": model_config.num_classes},
+        "train": {},
+        "tokenizer_train": {"steps": 0},
+    }
+
+
+def read_release(vae_ckpt: str | os.PathLike, var_ckpt: str | os.PathLike) -> Loaded:
+    """The tokenizer, transformer and recipe of the official release files.
+
+    Depth, width, heads, vocabulary and classes are read off the state dicts. Every key
+    of both files must be consumed and every shape must match.
+
+    Raises:
+        CheckpointError: a missing, truncated or mismatched file, naming the keys.
+    """
+    vae_state = read_state_dict(vae_ckpt, "VAE checkpoint")
+    var_state = read_state_dict(var_ckpt, "VAR checkpoint")
+    tokenizer = registry().get("tokenizer", "msvq").from_release(vae_state)
+    model_config = official_model_config(var_state)
+    recipe = recipe_mod.from_dict(official_recipe(tokenizer.config, model_config), source=str(var_ckpt))
+    model = build_model(recipe, tokenizer)
+    load_state(model, convert_official_var(var_state), what=f"VAR checkpoint {var_ckpt}")
+    log.info(
+        "official VAR d%d with %.1fM parameters",
+        model_config.depth,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+    )
+    return Loaded(tokenizer=tokenizer, model=model.eval(), recipe=recipe, source=Path(var_ckpt))
+
+
+def import_release(vae_ckpt: str | os.PathLike, var_ckpt: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Write the official files as a varkit checkpoint directory (``varkit import var``)."""
+    loaded = read_release(vae_ckpt, var_ckpt)
+    out = Path(out)
+    recipe = loaded.recipe.to_dict()
+    recipe["out_dir"] = str(out)
+    path = save_checkpoint(
+        out,
+        0,
+        weights={"model": loaded.model.state_dict(), "tokenizer": loaded.tokenizer.state_dict()},
+        trainer_state={},
+        recipe=recipe,
+    )
+    log.info("wrote %s", path)
+    return path

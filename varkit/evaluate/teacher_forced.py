@@ -14,45 +14,42 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+
+from varkit.checkpoint import write_text_atomic
+from varkit.data import build_eval_loader
+from varkit.errors import DataError
+from varkit.model.loss import StepGroups, ar_loss
 
 log = logging.getLogger(__name__)
 
 
 @torch.inference_mode()
 def evaluate(
-    checkpoint: str | os.PathLike,
+    pipe,
     *,
     batch_size: int = 32,
     max_images: int | None = None,
-    device: str = "cpu",
-    ema: bool = True,
 ) -> dict[str, float]:
-    """Validation metrics of the run or checkpoint at ``checkpoint``.
+    """Validation metrics of a loaded model.
 
     Args:
-        checkpoint: a run directory, a checkpoint directory or a ``varkit import`` output.
+        pipe: what holds the ``tokenizer``, ``model`` and ``recipe`` (a
+            :class:`varkit.pipeline.Pipeline` or a :class:`varkit.loading.Loaded`); it
+            runs where its model is.
         batch_size: images per forward pass.
         max_images: stop after this many validation images (None: all of them).
-        device: where to run.
-        ema: use the EMA weights when the checkpoint has them.
 
     Returns:
         ``images``, ``loss``, ``perplexity``, ``accuracy``, ``loss/<group>``,
         ``accuracy/<group>``, ``rec_l1`` and ``usage/<k>`` (share of the codes used at
         scale ``k``).
     """
-    from varkit.data import build_eval_loader
-    from varkit.pipeline import load
-    from varkit.train.ar import ar_loss
-    from varkit.train.metrics import StepGroups
-
-    pipe = load(checkpoint, device=device, ema=ema)
     tokenizer, model, unit = pipe.tokenizer, pipe.model, pipe.model.unit
+    device = next(model.parameters()).device
     loader = build_eval_loader(pipe.recipe.data, batch_size=batch_size)
     groups = StepGroups(unit.step_lengths, torch.device(device))
     loss_sum = torch.zeros(len(groups.names), dtype=torch.float64, device=device)
@@ -80,8 +77,6 @@ def evaluate(
             break
     bar.close()
     if images_seen == 0:
-        from varkit.errors import DataError
-
         raise DataError(
             f"no validation images were read from {pipe.recipe.data.val_shards or 'the synthetic val split'}"
         )
@@ -106,6 +101,4 @@ def evaluate(
 
 def write_report(metrics: dict[str, float], path: Path) -> None:
     """Write ``metrics`` as JSON (atomically)."""
-    from varkit.checkpoint import write_text_atomic
-
     write_text_atomic(path, json.dumps(metrics, indent=2) + "\n")

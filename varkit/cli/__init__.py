@@ -8,37 +8,18 @@ with 2 as well.
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
 
-import varkit
+from varkit.cli import evaluate, imports, plugins, run, sample, shards
 from varkit.errors import VarkitError
+from varkit.version import __version__
 
 log = logging.getLogger("varkit")
 
 Command = Callable[[argparse.Namespace], int]
-
-
-def _cmd_plugins(args: argparse.Namespace) -> int:
-    from varkit.plugins import KINDS, registry
-
-    reg = registry()
-    rows = []
-    for entry in reg:
-        if args.kind and entry.kind != args.kind:
-            continue
-        ok, why = entry.available()
-        rows.append((KINDS[entry.kind].title, entry.name, entry.distribution, "yes" if ok else f"no: {why}"))
-    header = ("kind", "name", "distribution", "available")
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
-    for row in [header, *rows]:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths)) + "  " + row[3])
-    for broken in reg.broken:
-        print(f"broken  {broken.distribution}: {broken.error} ({broken.source})")
-    return 0
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
@@ -46,24 +27,20 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         prog="varkit",
         description="Visual autoregressive image generation: train, sample, evaluate, import.",
     )
-    parser.add_argument("--version", action="version", version=f"varkit {varkit.__version__}")
+    parser.add_argument("--version", action="version", version=f"varkit {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     commands: dict[str, Command] = {}
 
-    p = sub.add_parser("plugins", help="list the registered plugins and whether they can run here")
-    p.add_argument("--kind", choices=["tokenizer", "unit", "attention", "sampler"], help="only this kind")
-    commands["plugins"] = _cmd_plugins
-
     for module in COMMAND_MODULES:
-        importlib.import_module(module).add_commands(sub, commands)
+        module.add_commands(sub, commands)
     return parser, commands
 
 
-#: Modules that define subcommands next to the code they drive. Each has
-#: ``add_commands(sub, commands)``: it adds its parsers to ``sub`` and its handlers
-#: (``Namespace -> exit status``) to ``commands`` under the subcommand's name.
-COMMAND_MODULES: list[str] = ["varkit.commands", "varkit.data.cli"]
+#: The subcommand modules. Each has ``add_commands(sub, commands)``: it adds its
+#: parsers to ``sub`` and its handlers (``Namespace -> exit status``) to ``commands``
+#: under the subcommand's name.
+COMMAND_MODULES = (plugins, run, sample, evaluate, shards, imports)
 
 
 def setup_logging(verbose: bool = False) -> None:
