@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,3 +33,18 @@ def fresh_registry(monkeypatch):
     plugins.reset()
     yield plugins.registry()
     plugins.reset()
+
+
+@pytest.fixture(scope="session")
+def quickstart_run(tmp_path_factory) -> Path:
+    """The README's quickstart, trained once per test session (a few minutes on 2 cores).
+
+    Slow tests that need a trained model (sampling, editing, evaluation, fine-tuning)
+    share this run instead of training their own; they must not write into it.
+    """
+    from varkit.cli import main
+
+    out = tmp_path_factory.mktemp("quickstart") / "run"
+    recipe = Path(__file__).parents[1] / "recipes" / "quickstart.yaml"
+    assert main(["run", str(recipe), f"out_dir={out}"]) == 0
+    return out

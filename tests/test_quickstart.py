@@ -26,6 +26,11 @@ RECIPES = Path(__file__).parents[1] / "recipes"
 def run_quickstart(name: str, out: Path, *overrides: str) -> dict:
     """Run ``recipes/<name>.yaml`` into ``out``; check what it wrote; its final sample record."""
     assert main(["run", str(RECIPES / f"{name}.yaml"), f"out_dir={out}", *overrides]) == 0
+    return check_run(out)
+
+
+def check_run(out: Path) -> dict:
+    """Check what a quickstart run wrote into ``out``; its final sample record."""
     grid = Image.open(out / "samples" / "final.png")
     assert grid.width > 8 * 32 and grid.height > 10 * 32  # 10 classes × 8 samples of 32 px
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -42,9 +47,9 @@ def assert_follows_class(final: dict) -> None:
 
 
 @pytest.mark.slow
-def test_quickstart_trains_both_stages_and_samples_follow_their_class(tmp_path):
-    out = tmp_path / "quickstart"
-    final = run_quickstart("quickstart", out)
+def test_quickstart_trains_both_stages_and_samples_follow_their_class(quickstart_run):
+    out = quickstart_run
+    final = check_run(out)
     assert (out / "tokenizer" / "checkpoints" / "latest").exists()
     assert (out / "tokenizer" / "samples" / "recon-final.png").is_file()
     assert_follows_class(final)
