@@ -35,7 +35,7 @@ from varkit.defaults import DEFAULT_PLUGINS
 from varkit.errors import RecipeError, VarkitError, did_you_mean
 from varkit.model.transformer import ModelConfig
 from varkit.plugins import KINDS, registry
-from varkit.recipe.train import TrainConfig
+from varkit.recipe.train import RETIRED_TOKENIZER_TRAIN_KEYS, TokenizerTrainConfig, TrainConfig
 
 PLUGIN_SECTIONS = ("tokenizer", "unit", "attention", "sampler")
 #: Keys a plugin section holds beside the plugin's own Config fields.
@@ -49,7 +49,7 @@ SECTION_TYPES: dict[str, type] = {
     "model": ModelConfig,
     "data": DataConfig,
     "train": TrainConfig,
-    "tokenizer_train": TrainConfig,
+    "tokenizer_train": TokenizerTrainConfig,
 }
 
 
@@ -275,9 +275,19 @@ def load(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Recipe:
 
 
 def from_dict(data: Mapping[str, Any], *, source: str = "<dict>") -> Recipe:
-    """Validate a recipe given as plain data (e.g. the ``recipe.yaml`` of a run)."""
+    """Validate a recipe given as plain data (e.g. the ``recipe.yaml`` of a run).
+
+    A resolved recipe that an older varkit stored may hold ``tokenizer_train`` options
+    the tokenizer stage never used (:data:`~varkit.recipe.train.RETIRED_TOKENIZER_TRAIN_KEYS`);
+    they are dropped here, so its checkpoint still loads. :func:`load` (recipe files and
+    command-line overrides) reports them as unknown keys.
+    """
     tree = _Tree(copy.deepcopy(dict(data)), {"": (source, None)})
     tree.data.pop("base", None)
+    section = tree.data.get("tokenizer_train")
+    if isinstance(section, dict):
+        for key in RETIRED_TOKENIZER_TRAIN_KEYS:
+            section.pop(key, None)
     return _build(tree, source=source)
 
 
