@@ -69,9 +69,9 @@ class ARStage(Stage):
         self.model = build_model(recipe, self.tokenizer, device=device)
         self.unit = self.model.unit
         self.stream = loop.build_stream(
-            recipe, batch_size=cfg.micro_batch(env.world_size), env=env, tokenizer=self.tokenizer
+            recipe, batch_size=self.micro_batch(cfg, env), env=env, tokenizer=self.tokenizer
         )
-        self.total = cfg.total_steps(getattr(self.stream, "samples_per_epoch", None))
+        self.total = self.total_steps(cfg, self.stream)
         self.groups = StepGroups(self.unit.step_lengths, torch.device("cpu"))
         self.scaler: torch.amp.GradScaler | None = None
 

@@ -32,6 +32,7 @@ import attrs
 import torch
 from torch import nn
 
+from varkit.errors import TrainingError
 from varkit.recipe.train import StageConfig
 from varkit.train.distributed import DistEnv
 from varkit.train.ema import EMA
@@ -178,6 +179,24 @@ class Stage:
     @property
     def ckpt_root(self) -> Path:
         return self.root / "checkpoints"
+
+    @staticmethod
+    def micro_batch(config: StageConfig, env: DistEnv) -> int:
+        """Images per process per micro-batch; a :class:`TrainingError` when the batch does
+        not split over the processes and accumulation steps of this run."""
+        try:
+            return config.micro_batch(env.world_size)
+        except ValueError as exc:
+            raise TrainingError(str(exc)) from None
+
+    @staticmethod
+    def total_steps(config: StageConfig, stream: Any) -> int:
+        """Optimizer steps of the run; a :class:`TrainingError` for epochs over a stream of
+        unknown size."""
+        try:
+            return config.total_steps(getattr(stream, "samples_per_epoch", None))
+        except ValueError as exc:
+            raise TrainingError(str(exc)) from None
 
     # -- weights ---------------------------------------------------------------
     def modules(self) -> dict[str, nn.Module]:

@@ -59,8 +59,8 @@ class TokenizerStage(Stage):
         self.precision = Precision(cfg.precision, device)
         seed_everything(recipe.seed)
         self.tokenizer = build_tokenizer(recipe, device=device)
-        self.stream = loop.build_stream(recipe, batch_size=cfg.micro_batch(env.world_size), env=env)
-        self.total = cfg.total_steps(getattr(self.stream, "samples_per_epoch", None))
+        self.stream = loop.build_stream(recipe, batch_size=self.micro_batch(cfg, env), env=env)
+        self.total = self.total_steps(cfg, self.stream)
         self.disc_params = [p for p in self.tokenizer.discriminator_parameters() if p.requires_grad]
         disc_ids = {id(p) for p in self.disc_params}
         self.gen_params = [
