@@ -193,7 +193,7 @@ def checkpoint_activations(model: nn.Module) -> None:
         block.forward = functools.partial(_checkpointed, block.forward)
 
 
-def compile_model(model: nn.Module, mode: Literal["blocks", "model"]) -> None:
+def compile_model(model: nn.Module, mode: Literal["blocks", "model"], **options: Any) -> None:
     """``torch.compile`` ``model`` in place, before it is wrapped for DDP or FSDP.
 
     ``blocks`` compiles every block of ``model.blocks`` as its own graph (the same code,
@@ -201,13 +201,14 @@ def compile_model(model: nn.Module, mode: Literal["blocks", "model"]) -> None:
     so DDP's bucketed all-reduce and FSDP's reduce-scatter of a block's gradients run
     while the blocks below it are still in their backward. ``model`` compiles the
     whole forward as one graph: the fewest launches on one GPU, but under DDP the
-    gradients become ready together at the end of the backward.
+    gradients become ready together at the end of the backward. ``options`` go to
+    ``torch.compile`` (e.g. ``backend``).
     """
     if mode == "blocks":
         for block in _blocks(model, "train.compile: blocks"):
-            block.compile()
+            block.compile(**options)
     elif mode == "model":
-        model.compile()
+        model.compile(**options)
     else:
         raise ValueError(f"unknown compile mode {mode!r}; use blocks or model")
 
