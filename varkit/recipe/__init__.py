@@ -309,12 +309,30 @@ def _build(tree: _Tree, *, source: str) -> Recipe:
     for kind in PLUGIN_SECTIONS:
         values[kind] = _plugin_section(kind, data.get(kind), problems)
     for key, cls in SECTION_TYPES.items():
-        values[key] = structure_attrs(cls, data.get(key), key, problems)
+        raw = data.get(key)
+        if key == "tokenizer_train" and isinstance(raw, Mapping):
+            raw = _without_ar_options(raw, problems)
+        values[key] = structure_attrs(cls, raw, key, problems)
     if not problems:
         _cross_check(values, problems)
     if problems:
         raise RecipeError([f"{tree.where(p.path)}: {p.path}: {p.message}" for p in problems])
     return Recipe(source=source, **values)
+
+
+def _without_ar_options(raw: Mapping[str, Any], problems: list[Problem]) -> dict[str, Any]:
+    """``tokenizer_train`` without the AR stage's options, each reported as an unknown key
+    that names where it belongs."""
+    for key in RETIRED_TOKENIZER_TRAIN_KEYS:
+        if key in raw:
+            problems.append(
+                Problem(
+                    f"tokenizer_train.{key}",
+                    f"unknown key {key!r}: the tokenizer stage has no such option "
+                    f"(train.{key} is the AR stage's); remove it",
+                )
+            )
+    return {k: v for k, v in raw.items() if k not in RETIRED_TOKENIZER_TRAIN_KEYS}
 
 
 def _plugin_section(kind: str, raw: Any, problems: list[Problem]) -> Any:

@@ -545,8 +545,3 @@ class TrainingLoop:
         metrics.write({"stage": stage.name, "step": self.step, "replicas_in_sync": same})
         if not same:
             raise TrainingError(f"the {env.world_size} processes ended with different weights: {digests}")
-
-
-def run_stage(stage: Stage, *, recipe: dict[str, Any]) -> Path | None:
-    """Set up and run ``stage`` (:class:`TrainingLoop`); returns its final checkpoint."""
-    return TrainingLoop(stage, recipe=recipe).run()

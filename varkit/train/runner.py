@@ -20,11 +20,9 @@ from varkit.loading import recipe_tokenizer
 from varkit.train import distributed as D
 from varkit.train.ar import ARStage
 from varkit.train.loop import TrainingLoop
-from varkit.train.rundir import ALLOWED_CHANGES, RunDirectory, recipe_differences
+from varkit.train.rundir import RunDirectory
 from varkit.train.state import seed_everything
 from varkit.train.tokenizer import TokenizerStage
-
-__all__ = ["ALLOWED_CHANGES", "recipe_differences", "run"]
 
 log = logging.getLogger(__name__)
 
