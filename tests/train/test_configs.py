@@ -66,3 +66,20 @@ def test_derived_model_fields_are_resolved_when_built_and_stored_resolved(tmp_pa
     assert recipe_mod.from_dict(r.to_dict()) == r
     with pytest.raises(RecipeError, match=r"model: model\.width 128 is not divisible by model\.heads 3"):
         recipe_mod.load(path, ["model.heads=3"])
+
+
+def test_the_documented_unknown_key_error_is_what_the_command_prints(capsys, monkeypatch):
+    import shlex
+    from pathlib import Path
+
+    from varkit.cli import main
+
+    root = Path(__file__).parents[2]
+    lines = (root / "docs" / "training.md").read_text().splitlines()
+    i = next(
+        i for i, line in enumerate(lines) if line.startswith("$ varkit run") and "tokenizer_train.ema" in line
+    )
+    command, expected = shlex.split(lines[i][2:]), lines[i + 1]
+    monkeypatch.chdir(root)
+    assert main(command[1:]) == 2
+    assert capsys.readouterr().err.strip() == expected
