@@ -262,11 +262,16 @@ def start_batches(stream, resumed: dict[str, Any] | None, seed: int, env: DistEn
 
 def find_checkpoint(ckpt_root: Path, env: DistEnv) -> Path | None:
     """The newest complete checkpoint a stage resumes from, after rank 0 cleared what a
-    crash left behind (a damaged newer one is skipped with a warning naming it)."""
+    crash left behind (a damaged newer one is skipped with a warning naming it).
+
+    Rank 0 decides and tells the others, so every rank resumes from the same one.
+    """
+    found = None
     if env.main:
         remove_leftovers(ckpt_root)
-    barrier(env)
-    return latest_checkpoint(ckpt_root)
+        found = latest_checkpoint(ckpt_root)
+    found = broadcast_object(None if found is None else str(found), env)
+    return None if found is None else Path(found)
 
 
 def save_stage(
