@@ -10,6 +10,8 @@ through the one training loop (:mod:`varkit.train.loop`) that runs any
 
 from __future__ import annotations
 
+from varkit.train.loop import TrainingLoop
 from varkit.train.runner import run
+from varkit.train.stage import OptimizerSlot, Stage, WindowMeans
 
-__all__ = ["run"]
+__all__ = ["OptimizerSlot", "Stage", "TrainingLoop", "WindowMeans", "run"]
