@@ -56,8 +56,8 @@ def measure(recipe_path: str | None, depth: int | None, batch: int, precision: s
     from varkit.build import build_model, build_tokenizer
     from varkit.model.loss import ar_loss
     from varkit.recipe.train import TrainConfig
-    from varkit.train.loop import Precision
     from varkit.train.optim import build_adamw, param_groups
+    from varkit.train.stage import Precision
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1)))
     recipe = _recipe(recipe_path, depth)

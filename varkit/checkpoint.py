@@ -21,14 +21,25 @@ directories are pruned last. A crash at any moment therefore leaves ``latest`` n
 a complete checkpoint (or no ``latest`` at all before the first one).
 ``trainer.pt`` holds only tensors and plain Python data: it loads with
 ``torch.load(weights_only=True)``.
+
+A step directory damaged afterwards (a file cut short by a copy, a full disk, a bad
+sector) is found by :func:`checkpoint_problem` from the files' own structure (the
+safetensors header against the file size, the zip directory at the end of
+``trainer.pt``, ``recipe.yaml`` parsing), without reading the tensors:
+:func:`latest_checkpoint` then skips it with a warning naming it and what is wrong,
+and pruning removes it rather than counting it among the kept checkpoints.
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import logging
 import os
 import re
 import shutil
+import struct
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +82,67 @@ def _is_step_dir(path: Path) -> bool:
     return path.is_dir() and (any(path.glob("*.safetensors")) or (path / TRAINER).is_file())
 
 
+def _safetensors_problem(file: Path) -> str | None:
+    """What is wrong with a safetensors file's structure, or None (the tensors are not read)."""
+    size = file.stat().st_size
+    try:
+        with open(file, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"{file.name} is {size} bytes, too short for a safetensors header"
+            (length,) = struct.unpack("<Q", head)
+            if 8 + length > size:
+                return f"{file.name} is cut short: its header alone needs {8 + length} bytes, the file has {size}"
+            header = json.loads(f.read(length))
+    except (OSError, ValueError) as exc:
+        return f"{file.name} has an unreadable header ({exc})"
+    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+    expected = 8 + length + max(ends, default=0)
+    if size < expected:
+        return f"{file.name} is cut short: {size} of {expected} bytes"
+    return None
+
+
+def checkpoint_problem(step_dir: str | os.PathLike) -> str | None:
+    """Why ``step_dir`` is not a complete training checkpoint, or None when it is.
+
+    Checks, without loading any tensor: every ``*.safetensors`` file's header and size,
+    that ``trainer.pt`` exists and is a whole zip archive (its directory sits at the
+    very end, so a file cut short has none), and that ``recipe.yaml`` holds a mapping.
+    """
+    step_dir = Path(step_dir)
+    if not step_dir.is_dir():
+        return "it is not a directory"
+    files = sorted(step_dir.glob("*.safetensors"))
+    if not files:
+        return "it holds no weights (*.safetensors)"
+    for file in files:
+        problem = _safetensors_problem(file)
+        if problem:
+            return problem
+    trainer = step_dir / TRAINER
+    if not trainer.is_file():
+        return f"it has no {TRAINER}"
+    try:
+        with zipfile.ZipFile(trainer) as archive:
+            archive.namelist()
+    except (zipfile.BadZipFile, OSError) as exc:
+        return f"{TRAINER} is cut short or damaged ({exc})"
+    try:
+        recipe = yaml.safe_load((step_dir / RECIPE).read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        return f"{RECIPE} cannot be read ({type(exc).__name__})"
+    if not isinstance(recipe, dict):
+        return f"{RECIPE} does not hold a recipe"
+    return None
+
+
 def latest_checkpoint(path: str | os.PathLike) -> Path | None:
     """The newest complete checkpoint at ``path``, or None when there is none.
+
+    In a ``checkpoints/`` directory that is the one ``latest`` names, unless
+    :func:`checkpoint_problem` finds it damaged: then the newest complete step
+    directory, with a warning naming each damaged one skipped.
 
     Args:
         path: a run directory (holding ``checkpoints/``), a ``checkpoints/`` directory,
@@ -85,16 +155,25 @@ def latest_checkpoint(path: str | os.PathLike) -> Path | None:
     if _is_step_dir(path):
         return path
     root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    candidates = [p for _, p in reversed(list_checkpoints(root))]
     latest = root / LATEST
     if latest.is_file():
         name = latest.read_text().strip()
-        if _STEP_RE.match(name) and _is_step_dir(root / name):
-            return root / name
+        if _STEP_RE.match(name) and (root / name).is_dir():
+            candidates.remove(root / name)
+            candidates.insert(0, root / name)
+        else:
+            log.warning("%s names %r, which is not a checkpoint; using the newest complete one", latest, name)
+    for candidate in candidates:
+        problem = checkpoint_problem(candidate)
+        if problem is None:
+            return candidate
         log.warning(
-            "%s names %r, which is not a complete checkpoint; using the newest step dir", latest, name
+            "checkpoint %s is incomplete (%s); falling back to the newest complete checkpoint before it",
+            candidate,
+            problem,
         )
-    steps = list_checkpoints(root)
-    return steps[-1][1] if steps else None
+    return None
 
 
 def checkpoint_step(step_dir: str | os.PathLike) -> int | None:
@@ -104,6 +183,43 @@ def checkpoint_step(step_dir: str | os.PathLike) -> int | None:
 
 
 # ------------------------------------------------------------------------ writing
+
+
+def _as_os_error(exc: Exception, file: Path) -> OSError:
+    """A failed write reported by safetensors or torch.save (their own error types) as an OSError.
+
+    safetensors names the OS error code in its message; torch's zip writer says only
+    that the write failed, so a device with under 1 MiB free is taken as full.
+    """
+    match = re.search(r"code: (\d+)", str(exc))
+    if match:
+        code = int(match.group(1))
+    else:
+        try:
+            full = shutil.disk_usage(file.parent).free < 2**20
+        except OSError:
+            full = False
+        code = errno.ENOSPC if full else errno.EIO
+    return OSError(code, os.strerror(code), str(file))
+
+
+def os_error_message(exc: OSError, doing: str) -> str:
+    """One paragraph for a failed write: what was being done, why it failed, what to do."""
+    where = exc.filename or "the run directory"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (
+            f"{doing} failed: no space left on the device holding {where}. Free space there (or "
+            "choose another out_dir), then run again: the run resumes from its last complete checkpoint"
+        )
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        reason = "it is on a read-only file system" if exc.errno == errno.EROFS else "permission denied"
+        return f"{doing} failed: cannot write {where} ({reason}); choose an out_dir you can write to"
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST):
+        return (
+            f"{doing} failed: {where} or a folder above it is a file, not a directory; "
+            "choose another out_dir or move the file away"
+        )
+    return f"{doing} failed: {exc.strerror or exc} ({where})"
 
 
 def _fsync_file(path: Path) -> None:
@@ -182,38 +298,70 @@ def save_checkpoint(
     if keep < 1:
         raise ValueError(f"keep is {keep}; keep at least the checkpoint being written")
     root = Path(ckpt_root)
-    root.mkdir(parents=True, exist_ok=True)
-    remove_leftovers(root)
     name = step_dir_name(step)
     tmp = root / f"{_TMP_PREFIX}{name}.{os.getpid()}"
-    tmp.mkdir()
-    for key, state in weights.items():
-        file = tmp / f"{key}.safetensors"
-        save_file(_plain_tensors(state), str(file), metadata={"format": "pt", "step": str(step)})
-        _fsync_file(file)
-    with open(tmp / TRAINER, "wb") as f:
-        torch.save(trainer_state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    with open(tmp / RECIPE, "w") as f:
-        f.write(dump_recipe(recipe))
-        f.flush()
-        os.fsync(f.fileno())
-    _fsync_dir(tmp)
-    final = root / name
-    if final.exists():  # the same step saved again (a resumed run's final save)
-        old = root / f"{_OLD_PREFIX}{name}.{os.getpid()}"
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
-    _fsync_dir(root)
-    write_text_atomic(root / LATEST, name + "\n")
-    for _, path in list_checkpoints(root)[:-keep]:
-        if path != final:
-            shutil.rmtree(path, ignore_errors=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(root)
+        tmp.mkdir()
+        for key, state in weights.items():
+            file = tmp / f"{key}.safetensors"
+            try:
+                save_file(_plain_tensors(state), str(file), metadata={"format": "pt", "step": str(step)})
+            except SafetensorError as exc:
+                raise _as_os_error(exc, file) from None
+            _fsync_file(file)
+        with open(tmp / TRAINER, "wb") as f:
+            try:
+                torch.save(trainer_state, f)
+            except RuntimeError as exc:  # torch's zip writer reports a failed write this way
+                raise _as_os_error(exc, tmp / TRAINER) from None
+            f.flush()
+            os.fsync(f.fileno())
+        with open(tmp / RECIPE, "w") as f:
+            f.write(dump_recipe(recipe))
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        final = root / name
+        if final.exists():  # the same step saved again (a resumed run's final save)
+            old = root / f"{_OLD_PREFIX}{name}.{os.getpid()}"
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+        _fsync_dir(root)
+        write_text_atomic(root / LATEST, name + "\n")
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        last = latest_checkpoint(root) if root.is_dir() else None
+        kept = f" (the last complete checkpoint, {last.name}, is intact)" if last is not None else ""
+        raise CheckpointError(
+            os_error_message(exc, f"writing checkpoint {name} into {root}") + kept
+        ) from None
+    _prune(root, final, keep)
     return final
+
+
+def _prune(root: Path, final: Path, keep: int) -> None:
+    """Keep the newest ``keep`` complete checkpoints (``final`` among them); remove the
+    older ones and every damaged step directory, which never counts as kept."""
+    complete = []
+    for _, path in list_checkpoints(root):
+        if path == final:
+            complete.append(path)
+            continue
+        problem = checkpoint_problem(path)
+        if problem is None:
+            complete.append(path)
+        else:
+            log.warning("removing the damaged checkpoint %s (%s)", path, problem)
+            shutil.rmtree(path, ignore_errors=True)
+    kept = set(complete[-keep:]) | {final}
+    for path in complete:
+        if path not in kept:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def remove_leftovers(ckpt_root: str | os.PathLike) -> list[Path]:

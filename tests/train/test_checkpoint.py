@@ -86,3 +86,62 @@ def test_errors_name_what_is_missing(tmp_path):
     with pytest.raises(CheckpointError, match="not a varkit checkpoint"):
         ck.read_recipe(tmp_path)
     assert ck.latest_checkpoint(tmp_path / "nothing") is None
+
+
+def _cut(file, keep=0.5):
+    data = file.read_bytes()
+    file.write_bytes(data[: int(len(data) * keep)])
+
+
+@pytest.mark.parametrize("damage", ["model.safetensors", "trainer.pt", "recipe.yaml", "header"])
+def test_a_damaged_latest_falls_back_to_the_newest_complete_one(tmp_path, caplog, damage):
+    good = _save(tmp_path, 1)
+    bad = _save(tmp_path, 2)
+    if damage == "recipe.yaml":
+        (bad / "recipe.yaml").write_text("{not: [yaml")
+    elif damage == "header":
+        (bad / "model.safetensors").write_bytes(b"\x08\x00")
+    else:
+        _cut(bad / damage)
+    assert ck.checkpoint_problem(good) is None and ck.checkpoint_problem(bad)
+    with caplog.at_level("WARNING", logger="varkit.checkpoint"):
+        assert ck.latest_checkpoint(tmp_path) == good
+    assert "step-0000002 is incomplete" in caplog.text
+    assert ck.latest_checkpoint(tmp_path / "nothing") is None
+    _cut(good / "model.safetensors")
+    assert ck.latest_checkpoint(tmp_path) is None  # nothing complete: nothing to resume
+
+
+def test_pruning_counts_complete_checkpoints_only_and_removes_damaged_ones(tmp_path, caplog):
+    _save(tmp_path, 1, keep=2)
+    _save(tmp_path, 2, keep=2)
+    (tmp_path / "step-0000009").mkdir()  # a stray directory, newer than any checkpoint
+    _cut((stray := _save(tmp_path, 8, keep=5)) / "trainer.pt")  # and a damaged one
+    with caplog.at_level("WARNING", logger="varkit.checkpoint"):
+        _save(tmp_path, 3, keep=2)
+    assert [s for s, _ in ck.list_checkpoints(tmp_path)] == [2, 3]
+    assert "removing the damaged checkpoint" in caplog.text and not stray.exists()
+
+
+def test_a_failed_write_is_one_paragraph_and_leaves_no_temporary_files(tmp_path, monkeypatch):
+    import errno
+
+    from safetensors import SafetensorError
+
+    good = _save(tmp_path, 1)
+
+    def full(*args, **kwargs):
+        raise SafetensorError(
+            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+        )
+
+    monkeypatch.setattr(ck, "save_file", full)
+    with pytest.raises(CheckpointError) as info:
+        _save(tmp_path, 2)
+    message = str(info.value)
+    assert "writing checkpoint step-0000002" in message and "no space left on the device" in message
+    assert "step-0000001, is intact" in message and "\n" not in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([good.name, "latest"])
+    assert ck.latest_checkpoint(tmp_path) == good
+    denied = ck.os_error_message(OSError(errno.EACCES, "Permission denied", "/x"), "writing /x")
+    assert "permission denied" in denied and "choose an out_dir you can write to" in denied

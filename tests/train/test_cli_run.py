@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -126,10 +127,13 @@ def test_torchrun_two_gloo_processes_match_one_process(tmp_path, synthetic_cache
 
 
 def test_torchrun_fsdp_trains_checkpoints_and_resumes(tmp_path, synthetic_cache):
+    # FSDP2 with bf16 mixed precision (bf16 weights gathered, fp32 gradients reduced),
+    # activation checkpointing of every block and an EMA of the sharded weights.
     out = tmp_path / "fsdp"
     sections = {
-        "train": {"steps": 2, "distributed": "fsdp", "ema": 0.9, "checkpoint_every": 0, "log_every": 1}
-    }
+        "train": {"steps": 2, "distributed": "fsdp", "ema": 0.9, "checkpoint_every": 0, "log_every": 1,
+                  "precision": "bf16", "activation_checkpointing": True}
+    }  # fmt: skip
     recipe = _recipe_file(tmp_path, out, synthetic_cache, **sections)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     for steps in (2, 3):  # the second run resumes the first and goes one step further
@@ -142,6 +146,8 @@ def test_torchrun_fsdp_trains_checkpoints_and_resumes(tmp_path, synthetic_cache)
         )
         assert done.returncode == 0, done.stderr[-4000:]
     assert "resuming from step 2" in done.stderr
+    losses = [r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
     step_dir = ck.latest_checkpoint(out)
     assert step_dir.name == "step-0000003"
     state = ck.load_trainer_state(step_dir)

@@ -14,7 +14,7 @@ from train_helpers import tiny_recipe, tiny_recipe_dict
 from varkit import checkpoint as ck
 from varkit.errors import CheckpointError, TrainingError
 from varkit.train import run
-from varkit.train.ar import ARTrainer
+from varkit.train.loop import TrainingLoop
 from varkit.train.metrics import read_metrics
 
 
@@ -27,7 +27,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, fake_stream, monkeypatch
     final = run(tiny_recipe(tmp_path / "a", **sections))
     assert final.name == "step-0000006"
 
-    original = ARTrainer._save
+    original = TrainingLoop._save
 
     def save_then_crash(self):
         path = original(self)
@@ -35,10 +35,10 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, fake_stream, monkeypatch
             raise KeyboardInterrupt  # killed right after the first checkpoint
         return path
 
-    monkeypatch.setattr(ARTrainer, "_save", save_then_crash)
+    monkeypatch.setattr(TrainingLoop, "_save", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
         run(tiny_recipe(tmp_path / "b", **sections))
-    monkeypatch.setattr(ARTrainer, "_save", original)
+    monkeypatch.setattr(TrainingLoop, "_save", original)
     assert ck.latest_checkpoint(tmp_path / "b").name == "step-0000003"
     with caplog.at_level(logging.INFO, logger="varkit.train"):
         run(tiny_recipe(tmp_path / "b", **sections))
@@ -60,7 +60,7 @@ def test_rerun_after_a_crash_before_the_first_checkpoint_keeps_no_stale_metrics(
     def crash(self):
         raise KeyboardInterrupt  # killed before the first checkpoint was written
 
-    monkeypatch.setattr(ARTrainer, "_save", crash)
+    monkeypatch.setattr(TrainingLoop, "_save", crash)
     with pytest.raises(KeyboardInterrupt):
         run(tiny_recipe(tmp_path))
     assert ck.latest_checkpoint(tmp_path) is None
@@ -203,3 +203,34 @@ def test_recipe_dict_round_trips_through_run_dir(tmp_path, fake_stream):
     stored = recipe_mod.from_dict(ck.read_recipe(out))
     assert stored == recipe
     assert tiny_recipe_dict(out)["out_dir"] == str(out)
+
+
+@pytest.mark.parametrize("workers", [0, 1, 2])
+def test_resume_is_bit_exact_with_data_loader_workers(tmp_path, synthetic_cache, monkeypatch, workers):
+    # The real synthetic stream (DataLoader workers >= 1 create their iterator lazily, and
+    # creating one draws from the global RNG that the resumed run has just restored).
+    sections = {
+        "data": {"workers": workers, "cache_dir": str(synthetic_cache)},
+        "train": {"steps": 5, "checkpoint_every": 2},
+        "model": {"class_dropout": 0.5},
+    }
+    run(tiny_recipe(tmp_path / "a", **sections))
+
+    original = TrainingLoop._save
+
+    def save_then_crash(self):
+        path = original(self)
+        if self.step == 2:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(TrainingLoop, "_save", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_recipe(tmp_path / "b", **sections))
+    monkeypatch.setattr(TrainingLoop, "_save", original)
+    run(tiny_recipe(tmp_path / "b", **sections))
+
+    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert all(torch.equal(a[key], b[key]) for key in a), "the resumed run trained on other draws"
+    losses = lambda d: [r["loss"] for r in read_metrics(d / "metrics.jsonl") if "loss" in r]  # noqa: E731
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")

@@ -24,6 +24,13 @@ be skipped exactly as before) but neither cropped nor batched. The cost is one
 decode per skipped image, spread over the workers, once per resume: seconds for the
 synthetic set, up to a few minutes for a late point of an ImageNet epoch; code shards
 skip at memory speed.
+
+Creating a DataLoader iterator draws its workers' base seed from the global torch RNG
+(one int64), which the training RNG shares. An uninterrupted run draws it when an
+epoch's loader starts; a run resumed mid-epoch restores the RNG state saved after that
+draw, so its loader for the rest of that epoch draws from a generator of its own
+instead: the global RNG then sees exactly the draws of the uninterrupted run. (No
+choice of the stream depends on that seed.)
 """
 
 from __future__ import annotations
@@ -386,7 +393,11 @@ class _EpochDataset(IterableDataset):
         yield from r.batches(self.epoch, slot, r.world_size * workers, skip=done, count=total - done)
 
 
-def _loader(dataset: IterableDataset, workers: int) -> Iterator[dict]:
+def _loader(
+    dataset: IterableDataset, workers: int, generator: torch.Generator | None = None
+) -> Iterator[dict]:
+    """Batches of ``dataset``; with workers, its DataLoader draws their base seed from
+    ``generator`` (None: the global torch RNG)."""
     if workers == 0:
         return iter(dataset)
     loader = DataLoader(
@@ -396,6 +407,7 @@ def _loader(dataset: IterableDataset, workers: int) -> Iterator[dict]:
         pin_memory=torch.cuda.is_available(),
         prefetch_factor=4,
         persistent_workers=False,
+        generator=generator,
     )
     return iter(loader)
 
@@ -446,6 +458,8 @@ class TrainStream:
         self.epoch = 0
         self.batch = 0
         self.skipped: Counter = Counter()
+        # Set by load_state_dict mid-epoch: the next loader must not draw from the global RNG.
+        self._resumed_mid_epoch = False
 
     @property
     def batch_size(self) -> int:
@@ -470,9 +484,16 @@ class TrainStream:
             dataset = _EpochDataset(
                 self._reader, epoch=self.epoch, start=self.batch, batches=self.batches_per_epoch
             )
+            generator = None
+            if self._resumed_mid_epoch:  # see the module docstring
+                r = self._reader
+                generator = torch.Generator().manual_seed(
+                    (r.seed * 1_000_003 + self.epoch * 10_007 + r.rank) % 2**63
+                )
+                self._resumed_mid_epoch = False
             bad_before = self.skipped_total
             try:
-                for item in _loader(dataset, self.workers):
+                for item in _loader(dataset, self.workers, generator):
                     self.batch += 1
                     self.skipped.update(item["skipped"])
                     yield _batch(item, layout)
@@ -528,6 +549,7 @@ class TrainStream:
             )
             old = (saved["world_size"] or r.world_size) * (saved["batch_size"] or r.batch_size)
             self.batch = min(self.batch * old // (r.world_size * r.batch_size), self.batches_per_epoch)
+        self._resumed_mid_epoch = 0 < self.batch < self.batches_per_epoch
 
 
 def build_train_stream(

@@ -33,29 +33,59 @@ MAX_SCALE_MUL = math.log(100.0)
 INIT_SCALE_MUL = math.log(4.0)
 
 
+def _derived_width(value: int, config: ModelConfig) -> int:
+    return value or 64 * config.depth
+
+
+def _derived_heads(value: int, config: ModelConfig) -> int:
+    return value or max(1, config.width // 64)
+
+
+def _derived_drop_path(value: float | None, config: ModelConfig) -> float:
+    return 0.1 * config.depth / 24 if value is None else float(value)
+
+
+def _heads_divide_width(config: ModelConfig, attribute, heads: int) -> None:
+    if config.width % heads:
+        raise ValueError(
+            f"model.width {config.width} is not divisible by model.heads {heads}; pick heads dividing it"
+        )
+
+
 @attrs.frozen(kw_only=True)
 class ModelConfig:
     """Options of the AR transformer (recipe section ``model``); VAR's values by default.
 
     ``width``, ``heads`` and ``drop_path`` may be left at their "derive it" values
-    (0, 0, None); the built config holds the resolved numbers, so ``config.width`` is
-    always the real width and a saved recipe records what was built.
+    (0, 0, null); each is resolved from the fields before it as the config is built
+    (converters that see the config), so ``config.width`` is always the real width and
+    a saved recipe records what was built.
     """
 
     #: Number of AdaLN blocks; VAR names its models by it (d16, d20, d24, d30).
     depth: int = attrs.field(default=16, validator=V.positive)
     #: Model width d; 0 means VAR's 64·depth.
-    width: int = attrs.field(default=0, validator=V.non_negative)
+    width: int = attrs.field(
+        default=0, converter=attrs.Converter(_derived_width, takes_self=True), validator=V.positive
+    )
     #: Attention heads; 0 means width // 64 (VAR: heads of 64 channels).
-    heads: int = attrs.field(default=0, validator=V.non_negative)
+    heads: int = attrs.field(
+        default=0,
+        converter=attrs.Converter(_derived_heads, takes_self=True),
+        validator=[V.positive, _heads_divide_width],
+    )
     #: MLP hidden width over model width (VAR: 4).
     mlp_ratio: float = attrs.field(default=4.0, validator=V.positive)
     #: Classes of the conditioning; index ``num_classes`` is "no class" (ImageNet: 1000).
     num_classes: int = attrs.field(default=1000, validator=V.positive)
     #: Chance of replacing a label by "no class" in training, for guidance (VAR: 0.1).
     class_dropout: float = attrs.field(default=0.1, validator=V.probability)
-    #: Drop-path rate of the last block, rising linearly from 0; None means VAR's 0.1·depth/24.
-    drop_path: float | None = attrs.field(default=None, validator=V.probability)
+    #: Drop-path rate of the last block, rising linearly from 0; null means VAR's 0.1·depth/24.
+    drop_path: float | None = attrs.field(
+        default=None,
+        converter=attrs.Converter(_derived_drop_path, takes_self=True),
+        validator=V.probability,
+    )
     #: Dropout after the attention projection and in the MLP (VAR trains without it).
     dropout: float = attrs.field(default=0.0, validator=V.probability)
     #: One AdaLN linear for all blocks plus a learned per-block offset (VAR's release: off).
@@ -69,20 +99,6 @@ class ModelConfig:
     adaln_gamma_init: float = attrs.field(default=1e-3, validator=V.non_negative)
     #: Multiplier of the output head's weights at init: near-uniform first logits (VAR: 0.02).
     head_init: float = attrs.field(default=0.02, validator=V.non_negative)
-
-    def __attrs_post_init__(self):
-        # Resolve the derived values in place (frozen: through object.__setattr__), so
-        # unstructure() writes the real numbers and structure() reads them back unchanged.
-        width = self.width or 64 * self.depth
-        heads = self.heads or max(1, width // 64)
-        drop_path = 0.1 * self.depth / 24 if self.drop_path is None else float(self.drop_path)
-        if width % heads:
-            raise ValueError(
-                f"model.width {width} is not divisible by model.heads {heads}; pick heads dividing it"
-            )
-        object.__setattr__(self, "width", width)
-        object.__setattr__(self, "heads", heads)
-        object.__setattr__(self, "drop_path", drop_path)
 
     @property
     def head_dim(self) -> int:

@@ -35,7 +35,7 @@ from varkit.defaults import DEFAULT_PLUGINS
 from varkit.errors import RecipeError, VarkitError, did_you_mean
 from varkit.model.transformer import ModelConfig
 from varkit.plugins import KINDS, registry
-from varkit.recipe.train import TrainConfig
+from varkit.recipe.train import RETIRED_TOKENIZER_TRAIN_KEYS, TokenizerTrainConfig, TrainConfig
 
 PLUGIN_SECTIONS = ("tokenizer", "unit", "attention", "sampler")
 #: Keys a plugin section holds beside the plugin's own Config fields.
@@ -49,7 +49,7 @@ SECTION_TYPES: dict[str, type] = {
     "model": ModelConfig,
     "data": DataConfig,
     "train": TrainConfig,
-    "tokenizer_train": TrainConfig,
+    "tokenizer_train": TokenizerTrainConfig,
 }
 
 
@@ -275,9 +275,19 @@ def load(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Recipe:
 
 
 def from_dict(data: Mapping[str, Any], *, source: str = "<dict>") -> Recipe:
-    """Validate a recipe given as plain data (e.g. the ``recipe.yaml`` of a run)."""
+    """Validate a recipe given as plain data (e.g. the ``recipe.yaml`` of a run).
+
+    A resolved recipe that an older varkit stored may hold ``tokenizer_train`` options
+    the tokenizer stage never used (:data:`~varkit.recipe.train.RETIRED_TOKENIZER_TRAIN_KEYS`);
+    they are dropped here, so its checkpoint still loads. :func:`load` (recipe files and
+    command-line overrides) reports them as unknown keys.
+    """
     tree = _Tree(copy.deepcopy(dict(data)), {"": (source, None)})
     tree.data.pop("base", None)
+    section = tree.data.get("tokenizer_train")
+    if isinstance(section, dict):
+        for key in RETIRED_TOKENIZER_TRAIN_KEYS:
+            section.pop(key, None)
     return _build(tree, source=source)
 
 
@@ -299,12 +309,30 @@ def _build(tree: _Tree, *, source: str) -> Recipe:
     for kind in PLUGIN_SECTIONS:
         values[kind] = _plugin_section(kind, data.get(kind), problems)
     for key, cls in SECTION_TYPES.items():
-        values[key] = structure_attrs(cls, data.get(key), key, problems)
+        raw = data.get(key)
+        if key == "tokenizer_train" and isinstance(raw, Mapping):
+            raw = _without_ar_options(raw, problems)
+        values[key] = structure_attrs(cls, raw, key, problems)
     if not problems:
         _cross_check(values, problems)
     if problems:
         raise RecipeError([f"{tree.where(p.path)}: {p.path}: {p.message}" for p in problems])
     return Recipe(source=source, **values)
+
+
+def _without_ar_options(raw: Mapping[str, Any], problems: list[Problem]) -> dict[str, Any]:
+    """``tokenizer_train`` without the AR stage's options, each reported as an unknown key
+    that names where it belongs."""
+    for key in RETIRED_TOKENIZER_TRAIN_KEYS:
+        if key in raw:
+            problems.append(
+                Problem(
+                    f"tokenizer_train.{key}",
+                    f"unknown key {key!r}: the tokenizer stage has no such option "
+                    f"(train.{key} is the AR stage's); remove it",
+                )
+            )
+    return {k: v for k, v in raw.items() if k not in RETIRED_TOKENIZER_TRAIN_KEYS}
 
 
 def _plugin_section(kind: str, raw: Any, problems: list[Problem]) -> Any:

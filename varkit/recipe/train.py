@@ -1,5 +1,12 @@
 """The training options of a recipe: ``train:`` (AR model) and ``tokenizer_train:``.
 
+Each stage has its own config class, so an option a stage would ignore is an unknown
+key of its section: :class:`StageConfig` holds what every stage of the training loop
+uses (length, batch, optimizer, schedule, precision, checkpoints, outputs),
+:class:`TrainConfig` (``train:``) adds the AR stage's own options (EMA, compile,
+DDP/FSDP, activation checkpointing, label smoothing, the sample grid) and
+:class:`TokenizerTrainConfig` (``tokenizer_train:``) is the common set alone.
+
 The defaults are VAR's ImageNet-256 recipe (arXiv 2404.02905, its official release):
 AdamW (0.9, 0.95), peak lr ``1e-4 · batch / 256``, weight decay 0.05, grad-norm clip
 2.0, a warmup of 1/50 of the run from 0.005 × peak, then the ``lin0`` schedule down to
@@ -17,6 +24,8 @@ from varkit import validators as V
 
 Precision = Literal["fp32", "bf16", "fp16"]
 Schedule = Literal["lin0", "cos", "constant"]
+#: ``train.compile``: false, true (= ``blocks``), ``blocks`` or ``model``.
+Compile = bool | Literal["blocks", "model"]
 
 
 def _betas(instance, attribute, value) -> None:
@@ -30,8 +39,8 @@ def _ema(instance, attribute, value) -> None:
 
 
 @attrs.frozen(kw_only=True)
-class TrainConfig:
-    """How one stage trains: length, batch, optimizer, schedule, precision, outputs.
+class StageConfig:
+    """What every training stage uses: length, batch, optimizer, schedule, precision, outputs.
 
     The run's length is ``steps`` optimizer steps, or ``epochs`` passes over the data
     when set. ``steps: 0`` without ``epochs`` skips the stage (the tokenizer stage is
@@ -79,14 +88,6 @@ class TrainConfig:
     # -- numerics --------------------------------------------------------------
     #: Autocast dtype: bf16 needs no loss scaling on current GPUs; fp16 uses a grad scaler (VAR's choice).
     precision: Precision = "bf16"
-    #: Label smoothing of the AR cross-entropy (VAR: 0, it is only a flag there).
-    label_smoothing: float = attrs.field(default=0.0, validator=V.fraction)
-    #: EMA decay of the weights, null for none (an EMA copy costs one more model in memory).
-    ema: float | None = attrs.field(default=None, validator=_ema)
-    #: torch.compile the model: faster steps on GPU after a minute of compiling.
-    compile: bool = False
-    #: DDP replicates the model; FSDP shards it (for d24/d30, which do not fit per GPU with their optimizer).
-    distributed: Literal["ddp", "fsdp"] = "ddp"
 
     # -- outputs ---------------------------------------------------------------
     #: Steps between metric lines (and log lines when not on a terminal).
@@ -97,12 +98,8 @@ class TrainConfig:
     checkpoint_minutes: float = attrs.field(default=30.0, validator=V.non_negative)
     #: Checkpoints kept on disk; older ones are deleted once a newer one is complete.
     keep_checkpoints: int = attrs.field(default=3, validator=V.positive)
-    #: Steps between sample grids; 0 samples only at the end.
+    #: Steps between previews (AR: sample grids, tokenizer: reconstructions); 0 previews only at the end.
     sample_every: int = attrs.field(default=0, validator=V.non_negative)
-    #: Classes in a sample grid, spread evenly over the model's classes (one row each).
-    sample_classes: int = attrs.field(default=8, validator=V.positive)
-    #: Images per class in a sample grid.
-    sample_per_class: int = attrs.field(default=4, validator=V.positive)
     #: Also write TensorBoard events (needs the `tensorboard` package).
     tensorboard: bool = False
 
@@ -160,3 +157,53 @@ class TrainConfig:
                 f"{self.grad_accum} accumulation steps; make it a multiple of {parts}"
             )
         return self.batch_size // parts
+
+
+@attrs.frozen(kw_only=True)
+class TrainConfig(StageConfig):
+    """The AR stage (recipe section ``train:``): the common options and the AR model's own."""
+
+    #: Label smoothing of the AR cross-entropy (VAR: 0, it is only a flag there).
+    label_smoothing: float = attrs.field(default=0.0, validator=V.fraction)
+    #: EMA decay of the weights, null for none (an EMA copy costs one more model in memory).
+    ema: float | None = attrs.field(default=None, validator=_ema)
+    #: torch.compile before the DDP/FSDP wrap: true or ``blocks`` compiles each block on its
+    #: own (gradient all-reduce overlaps the backward), ``model`` the whole model in one graph.
+    compile: Compile = False
+    #: DDP replicates the model; FSDP shards it (for d24/d30, which do not fit per GPU with their optimizer).
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+    #: Recompute each block's activations in the backward instead of keeping them: about a
+    #: third more compute for the memory of one block's activations instead of all of them.
+    activation_checkpointing: bool = False
+    #: Classes in a sample grid, spread evenly over the model's classes (one row each).
+    sample_classes: int = attrs.field(default=8, validator=V.positive)
+    #: Images per class in a sample grid.
+    sample_per_class: int = attrs.field(default=4, validator=V.positive)
+
+    @property
+    def compile_mode(self) -> Literal["blocks", "model"] | None:
+        """What ``compile`` compiles: ``blocks``, ``model``, or None for nothing."""
+        if self.compile is True:
+            return "blocks"
+        return self.compile or None
+
+
+@attrs.frozen(kw_only=True)
+class TokenizerTrainConfig(StageConfig):
+    """The tokenizer stage (recipe section ``tokenizer_train:``): the common options.
+
+    The tokenizer is replicated on every process with its gradients averaged explicitly,
+    trains without an EMA and is not compiled, so those AR options do not exist here.
+    """
+
+
+#: Options that varkit 0.1 wrote into every stored ``tokenizer_train:`` section although
+#: the tokenizer stage never used them; a stored recipe that has them still loads.
+RETIRED_TOKENIZER_TRAIN_KEYS = (
+    "label_smoothing",
+    "ema",
+    "compile",
+    "distributed",
+    "sample_classes",
+    "sample_per_class",
+)

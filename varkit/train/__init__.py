@@ -1,12 +1,17 @@
 """Training: the AR model and tokenizers, with exact resume and torchrun scale-out.
 
-``run(recipe)`` is what ``varkit run`` calls (:mod:`varkit.train.runner`); the options
-of each stage are the recipe's ``train:`` and ``tokenizer_train:`` sections
-(:mod:`varkit.recipe.train`).
+``run(recipe)`` is what ``varkit run`` calls (:mod:`varkit.train.runner`): it opens the
+run directory (:mod:`varkit.train.rundir`) and runs the tokenizer stage
+(:mod:`varkit.train.tokenizer`), then the AR stage (:mod:`varkit.train.ar`), each
+through the one training loop (:mod:`varkit.train.loop`) that runs any
+:class:`~varkit.train.stage.Stage`. The options of each stage are the recipe's
+``train:`` and ``tokenizer_train:`` sections (:mod:`varkit.recipe.train`).
 """
 
 from __future__ import annotations
 
+from varkit.train.loop import TrainingLoop
 from varkit.train.runner import run
+from varkit.train.stage import OptimizerSlot, Stage, WindowMeans
 
-__all__ = ["run"]
+__all__ = ["OptimizerSlot", "Stage", "TrainingLoop", "WindowMeans", "run"]

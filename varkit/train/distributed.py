@@ -8,10 +8,11 @@ only process-wide state is PyTorch's default process group, created once by
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Literal
 
 import attrs
 import torch
@@ -23,9 +24,10 @@ from torch.distributed.checkpoint.state_dict import (
     get_optimizer_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.checkpoint import checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -150,16 +152,92 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if is_sharded(tensor) else tensor
 
 
+def is_sharded_module(module: nn.Module) -> bool:
+    """Whether FSDP sharded ``module``'s parameters (state dicts are then collectives)."""
+    return any(is_sharded(p) for p in module.parameters())
+
+
 #: Block methods the model calls outside ``block.forward``; FSDP gathers weights for them too.
 BLOCK_METHODS_OUTSIDE_FORWARD = ("modulation",)
 
 
-def wrap_model(model: nn.Module, env: DistEnv, mode: str) -> nn.Module:
+def _blocks(model: nn.Module, what: str) -> nn.ModuleList:
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, nn.ModuleList) or not len(blocks):
+        raise ValueError(
+            f"{what} needs a model with its blocks in `model.blocks`; {type(model).__name__} has none"
+        )
+    return blocks
+
+
+def _checkpointed(forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+def checkpoint_activations(model: nn.Module) -> None:
+    """Recompute each block's activations in the backward instead of storing them.
+
+    Every block of ``model.blocks`` runs its forward under non-reentrant
+    ``torch.utils.checkpoint``: only the block's inputs are kept, its inner activations
+    are computed again when the backward reaches the block. The block's ``forward`` is
+    replaced on the instance rather than the block wrapped in another module, so
+    parameter names, state dicts and checkpoints stay the same. The RNG state is
+    stashed and replayed, so drop-path masks and dropout are the same in the recompute
+    and the result is bitwise that of a run without it. Apply it before
+    :func:`compile_model` and :func:`wrap_model` (FSDP gathers a block's weights
+    around the whole checkpointed forward and again before its backward).
+    """
+    for block in _blocks(model, "train.activation_checkpointing"):
+        if isinstance(block.forward, functools.partial) and block.forward.func is _checkpointed:
+            continue  # already applied
+        block.forward = functools.partial(_checkpointed, block.forward)
+
+
+def compile_model(model: nn.Module, mode: Literal["blocks", "model"], **options: Any) -> None:
+    """``torch.compile`` ``model`` in place, before it is wrapped for DDP or FSDP.
+
+    ``blocks`` compiles every block of ``model.blocks`` as its own graph (the same code,
+    so one compilation serves all): each block's backward is its own kernel sequence,
+    so DDP's bucketed all-reduce and FSDP's reduce-scatter of a block's gradients run
+    while the blocks below it are still in their backward. ``model`` compiles the
+    whole forward as one graph: the fewest launches on one GPU, but under DDP the
+    gradients become ready together at the end of the backward. ``options`` go to
+    ``torch.compile`` (e.g. ``backend``).
+    """
+    if mode == "blocks":
+        for block in _blocks(model, "train.compile: blocks"):
+            block.compile(**options)
+    elif mode == "model":
+        model.compile(**options)
+    else:
+        raise ValueError(f"unknown compile mode {mode!r}; use blocks or model")
+
+
+def fsdp_mixed_precision(dtype: torch.dtype | None) -> MixedPrecisionPolicy:
+    """FSDP2's policy for an autocast ``dtype``: bf16 weights gathered, fp32 gradients reduced.
+
+    Only bf16 gets one: its gathered weights halve the all-gather and the memory of the
+    unsharded block, and the fp32 reduce-scatter keeps the summed gradients exact to
+    fp32. fp16 keeps fp32 weights (its grad scaler unscales fp32 gradients), fp32 is
+    plain. Forward inputs are not cast: autocast picks every op's dtype, so rotary
+    angles and masks stay in fp32.
+    """
+    if dtype is torch.bfloat16:
+        return MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False
+        )
+    return MixedPrecisionPolicy()
+
+
+def wrap_model(
+    model: nn.Module, env: DistEnv, mode: str, *, mixed_precision: torch.dtype | None = None
+) -> nn.Module:
     """The module to run forward and backward through.
 
     One process: ``model`` itself. DDP: a ``DistributedDataParallel`` wrapper (it
     broadcasts rank 0's weights at construction). FSDP: ``model`` sharded in place with
-    ``fully_shard``, each block of ``model.blocks`` on its own, then the root.
+    FSDP2's ``fully_shard``, each block of ``model.blocks`` on its own, then the root,
+    with :func:`fsdp_mixed_precision` of ``mixed_precision`` (the autocast dtype).
     """
     if not env.distributed:
         return model
@@ -167,14 +245,15 @@ def wrap_model(model: nn.Module, env: DistEnv, mode: str) -> nn.Module:
         device_ids = [env.device.index] if env.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
     if mode == "fsdp":
+        policy = fsdp_mixed_precision(mixed_precision)
         for block in getattr(model, "blocks", ()):
-            fully_shard(block)
-            # The transformer computes every block's AdaLN modulation before running the
-            # blocks; FSDP must gather a block's weights for that method too.
+            fully_shard(block, mp_policy=policy)
+            # A transformer that computes a block's AdaLN modulation outside the block's
+            # forward needs FSDP to gather the block's weights for that method too.
             for method in BLOCK_METHODS_OUTSIDE_FORWARD:
                 if hasattr(block, method):
                     register_fsdp_forward_method(block, method)
-        fully_shard(model)
+        fully_shard(model, mp_policy=policy)
         return model
     raise ValueError(f"unknown distributed mode {mode!r}; use ddp or fsdp")
 
@@ -198,19 +277,19 @@ def grad_sync(module: nn.Module, sync: bool) -> Iterator[None]:
         yield
 
 
-def model_state(model: nn.Module, mode: str, env: DistEnv) -> dict[str, torch.Tensor]:
+def model_state(model: nn.Module, env: DistEnv) -> dict[str, torch.Tensor]:
     """The whole state dict of ``model`` on rank 0 (others may get an empty dict).
 
-    A collective under FSDP: every rank must call it.
+    A collective when FSDP sharded ``model``: every rank must call it.
     """
-    if env.distributed and mode == "fsdp":
+    if env.distributed and is_sharded_module(model):
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return model.state_dict()
 
 
-def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, mode: str, env: DistEnv) -> dict:
-    """The whole optimizer state on rank 0 (a collective under FSDP)."""
-    if env.distributed and mode == "fsdp":
+def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv) -> dict:
+    """The whole optimizer state on rank 0 (a collective when ``model`` is sharded)."""
+    if env.distributed and is_sharded_module(model):
         return get_optimizer_state_dict(
             model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
         )
@@ -218,10 +297,10 @@ def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, mode: st
 
 
 def load_optimizer_state(
-    model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, mode: str, env: DistEnv
+    model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, env: DistEnv
 ) -> None:
-    """Load what :func:`optimizer_state` returned (under FSDP, rank 0's copy is broadcast)."""
-    if env.distributed and mode == "fsdp":
+    """Load what :func:`optimizer_state` returned (for a sharded model, rank 0's copy is broadcast)."""
+    if env.distributed and is_sharded_module(model):
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
         set_optimizer_state_dict(model, optimizer, state if env.main else {}, options=options)
         return

@@ -30,9 +30,17 @@ class EMA:
 
     @torch.no_grad()
     def update(self) -> None:
-        weight = 1.0 - self.decay
-        for name, param in self.module.named_parameters():
-            self.shadow[name].lerp_(param.detach(), weight)
+        """One step of the average: every shadow tensor in one ``torch._foreach_lerp_``.
+
+        One multi-tensor kernel per dtype and device instead of one kernel per
+        parameter (hundreds at d16); each element is the same ``lerp`` as a
+        per-tensor update's.
+        """
+        names = list(self.shadow)
+        params = dict(self.module.named_parameters())
+        torch._foreach_lerp_(
+            [self.shadow[n] for n in names], [params[n].detach() for n in names], 1.0 - self.decay
+        )
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The averaged weights with the module's buffers: a state dict of the module.

@@ -37,13 +37,14 @@ PEAK_FLOPS = {
 def peak_flops(device: torch.device) -> float | None:
     """The peak FLOP/s of ``device`` when it is a GPU varkit knows, else None.
 
-    ``VARKIT_PEAK_FLOPS`` (a number) overrides the table, for GPUs missing from it.
+    ``VARKIT_PEAK_FLOPS`` (a number) overrides the table on any device, for GPUs missing
+    from it (or a CPU whose peak you know).
     """
-    if device.type != "cuda":
-        return None
     override = os.environ.get("VARKIT_PEAK_FLOPS")
     if override:
         return float(override)
+    if device.type != "cuda":
+        return None
     name = torch.cuda.get_device_name(device)
     for key, flops in PEAK_FLOPS.items():
         if key in name:
