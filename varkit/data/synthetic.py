@@ -32,6 +32,7 @@ from varkit.data import transforms
 from varkit.data.config import DataConfig, SyntheticConfig
 from varkit.data.folder import CLASSES_NAME
 from varkit.data.shards import INDEX_NAME, ShardSink, write_json_atomic
+from varkit.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +213,13 @@ def ensure_synthetic(config: DataConfig) -> dict[str, str]:
     root = cache_root(config) / "synthetic"
     final = root / _entry_name(synthetic, size, margin)
     if not (final / INDEX_NAME).is_file():
+        if config.cache_dir and "cache_dir" in config.untrusted:
+            raise DataError(
+                f"data.cache_dir of the recipe stored with this checkpoint would have varkit write the "
+                f"synthetic dataset into {final}; a stored recipe does not choose where files are written. "
+                f"Pass the directory on the command line (e.g. `varkit eval RUN data.cache_dir=DIR`), or "
+                "data.cache_dir=null for the default cache ($VARKIT_CACHE, else ~/.cache/varkit)"
+            )
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
         log.info(
