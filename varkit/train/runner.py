@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
-import yaml
 
 from varkit.build import build_tokenizer
 from varkit.checkpoint import RECIPE, latest_checkpoint, write_text_atomic
 from varkit.errors import TrainingError, VarkitError
 from varkit.loading import recipe_tokenizer
+from varkit.recipe import read_stored
 from varkit.train import distributed as D
 from varkit.train.ar import ARTrainer
 from varkit.train.state import seed_everything
@@ -103,7 +103,7 @@ def prepare_out_dir(recipe, *, force: bool = False) -> Path:
                 break
     new = recipe.to_dict()
     if stored_file.is_file():
-        stored = yaml.safe_load(stored_file.read_text()) or {}
+        stored = read_stored(stored_file)
         differences = recipe_differences(stored, new)
         if differences and not force:
             shown = "\n  ".join(differences[:12]) + ("\n  ..." if len(differences) > 12 else "")
