@@ -152,8 +152,8 @@ def check_tokenizer_weights(recipe: Recipe) -> None:
         return
     path = Path(weights)
     shapes = _tokenizer_state(path, shapes_only=True)
-    with torch.device("meta"):
-        tokenizer = build_tokenizer(recipe)
+    with torch.device("meta"):  # shapes only: no memory, no init cost
+        tokenizer = recipe.tokenizer.cls(recipe.tokenizer.config)
     check_state_dict(tokenizer, shapes, what=f"tokenizer.weights {path}")
 
 

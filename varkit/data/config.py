@@ -40,6 +40,8 @@ class DataSource:
         classifiers: named classifiers of generated images ``(b, 3, H, W)`` in [0, 1]
             returning ``(b,)`` class indices (-1: none); evaluation reports the share
             of samples each assigns to their class as ``sample_<name>_accuracy``.
+        patterns: the DataConfig fields holding shard patterns this source reads, with
+            the kind each must hold (``varkit validate`` checks that they resolve).
     """
 
     name: str
@@ -49,6 +51,7 @@ class DataSource:
     check: Callable[[Any], list[str]] = lambda config: []
     classes: Callable[[Any], int] = lambda config: config.num_classes
     classifiers: Mapping[str, Callable[..., Any]] = attrs.field(factory=dict)
+    patterns: Mapping[str, str] = attrs.field(factory=dict)
 
 
 #: The data sources by name; :func:`register_source` adds one.

@@ -201,7 +201,7 @@ class ShardSink:
         self,
         out_dir: str | os.PathLike,
         *,
-        prefix: str = "shard",
+        prefix: str = "train",
         max_bytes: int = 256 << 20,
         max_samples: int | None = None,
     ):

@@ -22,7 +22,7 @@ import torch
 from varkit.data import transforms
 from varkit.data.codes import CODE_DTYPES, CodeLayout
 from varkit.data.config import DataConfig, DataSource, data_source, register_source
-from varkit.data.shards import IMAGE_EXTS, ShardSet, expand, open_shards
+from varkit.data.shards import IMAGE_EXTS, ShardSet, expand, is_local, open_shards
 from varkit.data.synthetic import classify, ensure_synthetic
 from varkit.errors import DataError
 
@@ -128,6 +128,31 @@ def resolve_source(config: DataConfig, *, split: str = "train", tokenizer=None) 
     return data_source(config.source).resolve(config, split, tokenizer)
 
 
+def check_patterns(config: DataConfig) -> list[str]:
+    """What is wrong with the shard patterns of ``config``'s source, reading no sample.
+
+    Local shards must exist and hold the kind of data their field wants; ``pipe:`` and
+    remote urls are not run or fetched (a stored recipe's ``pipe:`` is refused).
+    ``varkit validate`` reports these.
+    """
+    problems = []
+    for name, want in data_source(config.source).patterns.items():
+        pattern = getattr(config, name)
+        if not pattern:
+            continue
+        try:
+            urls = expand(pattern)
+            if urls and not all(is_local(u) for u in urls):
+                check_command(config, name)
+                continue
+            _open(config, name, want, count=False)
+        except DataError as exc:
+            problems.append(str(exc))
+        except ValueError as exc:  # a malformed brace pattern
+            problems.append(f"data.{name} {pattern!r} is not a shard pattern: {exc}")
+    return problems
+
+
 def check_command(config: DataConfig, name: str) -> None:
     """Refuse the ``pipe:`` urls of ``data.<name>`` when a stored recipe set it.
 
@@ -151,12 +176,12 @@ def _images(config: DataConfig) -> ImageFormat:
     return ImageFormat(resolution=config.resolution, crop_ratio=config.crop_ratio, hflip=config.hflip)
 
 
-def _open(config: DataConfig, name: str, want: str) -> ShardSet:
+def _open(config: DataConfig, name: str, want: str, *, count: bool = True) -> ShardSet:
     """The shards of ``data.<name>``, refused when they hold another kind than ``want``."""
     check_command(config, name)
     pattern = getattr(config, name)
     field = f"data.{name}"
-    shards = open_shards(pattern, field=field)
+    shards = open_shards(pattern, field=field, count=count)
     if shards.meta and shards.kind != want:
         hint = (
             "point data.codes at shards written by `varkit shards --tokenize`"
@@ -222,6 +247,7 @@ SHARDS = register_source(
         summary="image shards (jpg/png/webp + cls), e.g. ImageNet written by `varkit shards`",
         yields="images",
         resolve=_resolve_shards,
+        patterns={"train_shards": "images", "val_shards": "images"},
         check=lambda config: (
             []
             if config.train_shards
@@ -273,6 +299,7 @@ CODES = register_source(
         summary="tokenizer codes written by `varkit shards --tokenize` (no decoding, no encoding)",
         yields="codes",
         resolve=_resolve_codes,
+        patterns={"codes": "codes", "val_shards": "images"},
         check=lambda config: (
             []
             if config.codes

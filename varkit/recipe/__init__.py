@@ -412,7 +412,7 @@ def _given_twice(path: str, values: list[str]) -> str:
     a, b = values[0], values[1]
     times = "twice" if len(values) == 2 else f"{len(values)} times"
     message = f"{COMMAND_LINE}: {path}: given {times}, as {a!r}, {b!r}{' ...' if len(values) > 2 else ''}; give it once"
-    if re.sub(r"\d+", "0", a) == re.sub(r"\d+", "0", b):
+    if re.search(r"[/A-Za-z_]", a) and re.sub(r"\d+", "0", a) == re.sub(r"\d+", "0", b):
         message += (
             ". These look like one brace pattern that the shell expanded into one argument per "
             f"file: quote it, e.g. '{path}=/data/shards/train-{{000000..000547}}.tar'"
