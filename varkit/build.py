@@ -1,6 +1,6 @@
 """Building the parts of a run from a validated recipe: modules with fresh weights.
 
-Loading weights into them is :mod:`varkit.loading`.
+Loading weights into them is `varkit.loading`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from varkit.recipe import Recipe
 
 def build_tokenizer(recipe: Recipe, *, device: torch.device | str = "cpu") -> Tokenizer:
     """The recipe's tokenizer with freshly initialised weights (``tokenizer.weights`` is
-    :func:`varkit.loading.recipe_tokenizer`'s business)."""
+    `varkit.loading.recipe_tokenizer`'s business)."""
     section = recipe.tokenizer
     return section.cls(section.config).to(device)
 

@@ -4,13 +4,13 @@ Configs are attrs classes whose fields carry plain annotations: ``int``, ``float
 ``bool``, ``str``, ``pathlib.Path``, ``X | None``, ``Literal[...]``, ``tuple[T, ...]``,
 fixed tuples, ``list[T]``, ``dict[K, V]``, bare ``tuple``/``list``/``dict``,
 ``collections.abc.Sequence[T]``/``Mapping[K, V]``, ``Any`` and nested attrs classes.
-:func:`structure` checks a value against such a class and reports each problem with
+`structure` checks a value against such a class and reports each problem with
 its key path, so a recipe with five mistakes gets five messages at once;
-:func:`unstructure` is its inverse. :func:`unsupported` says, when a plugin registers,
+`unstructure` is its inverse. `unsupported` says, when a plugin registers,
 which of its Config fields the loader could not fill.
 
 A field with ``metadata={"recipe": False}`` is not a recipe key: a recipe cannot set it
-and :func:`unstructure` leaves it out.
+and `unstructure` leaves it out.
 """
 
 from __future__ import annotations

@@ -3,9 +3,9 @@
 A run directory (its latest checkpoint), a checkpoint directory, the output of
 ``varkit import``, or a tokenizer weights file (``.safetensors``, or a plain ``.pth``
 state dict read with ``weights_only=True`` such as the official
-``vae_ch160v4096z32.pth``). Building modules from a recipe is :mod:`varkit.build`;
-checking and loading state dicts is :mod:`varkit.weights`; reading a foreign release's
-own layout is :mod:`varkit.importers`.
+``vae_ch160v4096z32.pth``). Building modules from a recipe is `varkit.build`;
+checking and loading state dicts is `varkit.weights`; reading a foreign release's
+own layout is `varkit.importers`.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def load_checkpoint(path: str | os.PathLike, *, ema: bool = True, overrides: Ite
         path: ``out_dir`` of a run (its latest checkpoint is used), a
             ``checkpoints/step-N`` directory, or a directory written by ``varkit import``.
         ema: use the EMA weights when the checkpoint has them.
-        overrides: ``data.key=value`` applied to the stored recipe (see :func:`recipe_of`).
+        overrides: ``data.key=value`` applied to the stored recipe (see `recipe_of`).
 
     Raises:
         CheckpointError: nothing loadable at ``path``, or weights that do not fit.

@@ -1,8 +1,8 @@
 """The Python front door: a trained model ready to use, tokenizer + AR transformer + sampler.
 
 ``varkit.load(run_dir_or_checkpoint)`` and ``varkit.from_official_var(vae, var)`` return
-a :class:`Pipeline`. Where the weights come from is :mod:`varkit.loading` and
-:mod:`varkit.importers`; what a pipeline runs is :mod:`varkit.generation`.
+a `Pipeline`. Where the weights come from is `varkit.loading` and
+`varkit.importers`; what a pipeline runs is `varkit.generation`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ class Pipeline:
     Attributes:
         tokenizer: the (frozen) tokenizer.
         model: the AR transformer (``varkit.model.transformer.ARModel``).
-        sampler: the default sampler of :meth:`generate`.
+        sampler: the default sampler of `generate`.
         recipe: the recipe the model was trained with, when known.
     """
 
@@ -119,7 +119,7 @@ class Pipeline:
 
     @classmethod
     def from_loaded(cls, loaded: Loaded, *, device: torch.device | str = "cpu") -> Pipeline:
-        """A pipeline of what :mod:`varkit.loading` or an importer loaded, moved to ``device``."""
+        """A pipeline of what `varkit.loading` or an importer loaded, moved to ``device``."""
         return cls(loaded.tokenizer, loaded.model, recipe=loaded.recipe).to(device)
 
 

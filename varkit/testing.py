@@ -202,7 +202,7 @@ def check_attention_backend(
     step_lengths: Iterable[Sequence[int]] = ((1, 4, 9), (1,) * 12, (3, 1, 5, 2), (7,)),
     device: str = "cpu",
 ) -> None:
-    """Check an attention backend against :func:`reference_attention`.
+    """Check an attention backend against `reference_attention`.
 
     Block-causal masks of the given step lengths, cached decoding (``mask=None``,
     fewer queries than keys), the output shape, and bfloat16 kept as bfloat16. A
@@ -237,7 +237,7 @@ def check_attention_backend(
 
 @attrs.frozen(kw_only=True)
 class ToyConfig:
-    """Options of :class:`ToyTokenizer`."""
+    """Options of `ToyTokenizer`."""
 
     #: Side of each code map, coarse to fine (``(h, w)`` pairs allowed); one entry: a
     #: single-scale tokenizer.
@@ -445,7 +445,7 @@ def check_unit(
     seeds: Sequence[int] = (0, 1, 2),
     others: Iterable[Tokenizer] = (),
 ) -> None:
-    """Check a prediction unit with a tokenizer it accepts (e.g. a :class:`ToyTokenizer`).
+    """Check a prediction unit with a tokenizer it accepts (e.g. a `ToyTokenizer`).
 
     - the layout: step lengths >= 1, ``seq_len`` their sum, a block-causal ``mask``
       over them, embeddings ``(1, l_0, d)`` and ``(1, l, d)``, rotary angles None or

@@ -2,8 +2,8 @@
 running their code), say what a file that cannot be read seems to be, check state dicts
 against a module, and load them strictly with errors that name the keys.
 
-Everything that brings weights into a module goes through :func:`load_state` (or
-:func:`check_state_dict` followed by an ``assign=True`` load for meta-device modules).
+Everything that brings weights into a module goes through `load_state` (or
+`check_state_dict` followed by an ``assign=True`` load for meta-device modules).
 """
 
 from __future__ import annotations
@@ -161,7 +161,7 @@ def weight_shapes(path: str | os.PathLike, what: str) -> dict[str, torch.Tensor]
     little of the file as its format allows (the header of a safetensors file).
 
     Raises:
-        CheckpointError: as :func:`read_weights`.
+        CheckpointError: as `read_weights`.
     """
     path = Path(path)
     if path.is_file() and (path.suffix == ".safetensors" or file_format(path) == "safetensors"):
@@ -208,7 +208,7 @@ _DTYPES = {
 
 
 def check_state_dict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], *, what: str) -> None:
-    """Raise :class:`CheckpointError` naming the keys unless ``state`` fits ``module`` exactly.
+    """Raise `CheckpointError` naming the keys unless ``state`` fits ``module`` exactly.
 
     Every key of ``module.state_dict()`` must be in ``state`` with the same shape, and
     ``state`` must hold no other key.

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import signal
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ from varkit.data import (
     DataConfig,
     DataSource,
     Source,
+    build_eval_loader,
     build_train_stream,
     data_source,
     register_source,
@@ -157,3 +160,21 @@ def test_a_tiny_clean_split_still_reads_again(tmp_path):
     )
     with deadline(60):
         assert len(next(iter(build_train_stream(config, batch_size=4, seed=0)))) == 4
+
+
+def test_the_documented_new_source_works(tmp_path):
+    """docs/data.md's example of a new source, run with its folder pointed at tmp_path."""
+    page = (Path(__file__).parents[2] / "docs" / "data.md").read_text()
+    code = re.search(r"### Adding a data source.*?```python\n(.*?)```", page, re.S).group(1)
+    for split in ("train", "val"):
+        sink = ShardSink(tmp_path, prefix=split, max_samples=1)
+        for i in range(10):
+            sink.write(f"{i}", {"png": png_bytes(np.zeros((8, 8, 3), np.uint8)), "cls": b"1"})
+        sink.close()
+    exec(code.replace("/data/laion-subset/", f"{tmp_path}/"), {})
+    try:
+        config = DataConfig(source="laion_subset", resolution=8, crop_ratio=1.0, workers=0, num_classes=2)
+        assert sum(len(b) for b in build_eval_loader(config, batch_size=4)) == 10
+        assert len(next(iter(build_train_stream(config, batch_size=4, seed=0)))) == 4
+    finally:
+        SOURCES.pop("laion_subset")

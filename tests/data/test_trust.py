@@ -121,6 +121,7 @@ def test_varkit_eval_refuses_a_checkpoints_pipe_command(tmp_path, capsys):
 
     out = tmp_path / "run"
     run(recipe_mod.from_dict(_tiny_run(out, tmp_path / "cache")))
+    capsys.readouterr()  # what training logged (perhaps to a handler another test's main set up)
     shards = _val_shards(tmp_path / "shards")
     marker = tmp_path / "ran"
     for stored in out.rglob("recipe.yaml"):

@@ -1,9 +1,9 @@
 """Recipe options of the data layer, and the table of data sources that ``data.source`` names.
 
-A data source is one row of :data:`SOURCES`: what the recipe must give for it, how
+A data source is one row of `SOURCES`: what the recipe must give for it, how
 many classes the model embeds, which shards each split reads and, when the source has
 one, a classifier of generated images. A new source is a module that calls
-:func:`register_source`; nothing else in varkit names the sources.
+`register_source`; nothing else in varkit names the sources.
 
 These classes read no data, so a recipe validates before any data is touched.
 """
@@ -54,7 +54,7 @@ class DataSource:
     patterns: Mapping[str, str] = attrs.field(factory=dict)
 
 
-#: The data sources by name; :func:`register_source` adds one.
+#: The data sources by name; `register_source` adds one.
 SOURCES: dict[str, DataSource] = {}
 
 
@@ -127,7 +127,7 @@ class SyntheticConfig:
 class DataConfig:
     """Where training images come from, and VAR's augmentation of them.
 
-    ``source`` names a row of the table of data sources (:data:`SOURCES`); the built-in
+    ``source`` names a row of the table of data sources (`SOURCES`); the built-in
     ones are ``synthetic`` (the embedded default, written to the cache on first use),
     ``shards`` (webdataset tar shards of ``jpg``/``png``/``webp`` plus ``cls``, e.g.
     ImageNet written by ``varkit shards``) and ``codes`` (shards of tokenizer codes
@@ -173,7 +173,7 @@ class DataConfig:
     #: Where the synthetic shards are cached; None uses ``$VARKIT_CACHE`` or
     #: ``~/.cache/varkit``.
     cache_dir: str | None = None
-    #: Not a recipe key: the fields of :data:`GUARDED_FIELDS` whose values come from a
+    #: Not a recipe key: the fields of `GUARDED_FIELDS` whose values come from a
     #: recipe stored with a checkpoint (``varkit.recipe.from_dict(..., stored=True)``)
     #: rather than from the user; the data layer refuses to run their ``pipe:``
     #: commands or to write into their ``cache_dir``.

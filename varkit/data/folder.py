@@ -129,7 +129,7 @@ def scan_image_folder(
             ``labels``, a flat folder of images.
         class_map: ``{class name: index}`` to use instead of the sorted class names
             (e.g. the training set's ``classes.json`` for its validation set).
-        labels: a labels file naming each image's class (see :func:`read_labels`).
+        labels: a labels file naming each image's class (see `read_labels`).
 
     Raises:
         DataError: ``src`` is not a directory, has no classes or no images, an image has
@@ -215,7 +215,7 @@ def read_image_file(path: Path) -> tuple[str, bytes] | str:
 
 @attrs.define
 class FolderSummary:
-    """What :func:`write_image_folder` wrote."""
+    """What `write_image_folder` wrote."""
 
     #: Brace pattern of the shards (what a recipe puts in ``data.train_shards``).
     pattern: str
@@ -317,7 +317,7 @@ def write_image_folder(
         class_map: ``{class name: index}`` to use, e.g. the training shards'
             ``classes.json`` when writing the validation set (every class of ``src``
             must be in it).
-        labels: a labels file giving each image's class (see :func:`read_labels`).
+        labels: a labels file giving each image's class (see `read_labels`).
 
     Raises:
         DataError: ``out`` is a file or inside ``src``; ``out`` already holds a
@@ -395,7 +395,7 @@ def read_classes(directory: str | os.PathLike) -> dict[str, int] | None:
 
 def iter_folder(folder: ImageFolder) -> Iterable[tuple[str, bytes, int]]:
     """``(key, bytes, class)`` of every file of a folder, in its order, keyed as the shards
-    that :func:`write_image_folder` writes (unique, webdataset-safe)."""
+    that `write_image_folder` writes (unique, webdataset-safe)."""
     used: set[str] = set()
     for path, label in folder.files:
         yield _key(path, folder, used), path.read_bytes(), label

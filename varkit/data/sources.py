@@ -1,9 +1,9 @@
 """The built-in data sources, what a resolved source is, and how a sample of each format is read.
 
-Each source is a row of the table in :mod:`varkit.data.config` (``register_source``);
+Each source is a row of the table in `varkit.data.config` (``register_source``);
 ``resolve_source`` looks the recipe's ``data.source`` up there, so the stream never
-names a source. A resolved :class:`Source` carries the shards and the
-:class:`ImageFormat` or :class:`CodeFormat` that reads one sample of them and stacks a
+names a source. A resolved `Source` carries the shards and the
+`ImageFormat` or `CodeFormat` that reads one sample of them and stacks a
 batch.
 
 Shard patterns and the cache directory of a recipe stored with a checkpoint are not
@@ -19,6 +19,7 @@ import attrs
 import numpy as np
 import torch
 
+from varkit.base import Tokenizer
 from varkit.data import transforms
 from varkit.data.codes import CODE_DTYPES, CodeLayout
 from varkit.data.config import DataConfig, DataSource, data_source, register_source
@@ -116,7 +117,7 @@ class Source:
 # -------------------------------------------------------------------------- lookup
 
 
-def resolve_source(config: DataConfig, *, split: str = "train", tokenizer=None) -> Source:
+def resolve_source(config: DataConfig, *, split: str = "train", tokenizer: Tokenizer | None = None) -> Source:
     """The shards a stream reads for ``config.source`` (``split``: ``train`` or ``val``).
 
     Raises:

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from varkit.base import Tokenizer
 from varkit.data import transforms
 from varkit.data.codes import CodeLayout, split_codes
 from varkit.data.config import DataConfig
@@ -149,7 +150,7 @@ class _Reader:
     ) -> Iterator[tuple[str, str, dict[str, bytes]] | _PassEnd]:
         """The slot's samples ``(url, key, members)``, shuffled; endless for training.
 
-        Each pass over the slot's shards ends with a :class:`_PassEnd`. The shuffle
+        Each pass over the slot's shards ends with a `_PassEnd`. The shuffle
         buffer drains at the end of each pass, so a pass never mixes with the next: an
         epoch that fits in one pass sees each of the slot's samples exactly once.
         """
@@ -412,7 +413,7 @@ class TrainStream:
             self.epoch, self.batch = self.epoch + 1, 0
 
     def state_dict(self) -> dict:
-        """Where the stream is; :meth:`load_state_dict` of it continues from there exactly."""
+        """Where the stream is; `load_state_dict` of it continues from there exactly."""
         r = self._reader
         return {
             "epoch": self.epoch,
@@ -425,7 +426,7 @@ class TrainStream:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from a :meth:`state_dict`; the next batch is the one after those consumed.
+        """Continue from a `state_dict`; the next batch is the one after those consumed.
 
         The continuation is exact when seed, world size, batch size and workers are the
         same as when the state was saved; otherwise a warning says so and the stream
@@ -460,7 +461,7 @@ def build_train_stream(
     seed: int,
     rank: int = 0,
     world_size: int = 1,
-    tokenizer=None,
+    tokenizer: Tokenizer | None = None,
 ) -> TrainStream:
     """The endless training stream of one rank.
 

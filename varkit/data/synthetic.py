@@ -3,7 +3,7 @@
 Each image is one saturated shape on a dull, low-saturation background with a soft
 gradient; the shape's position, size and the background vary at random. Class ``k``
 always has the colour of hue ``HUES[k]`` and the shape ``SHAPES[k]``, so a generated
-image follows its class when both are right, which :func:`classify` checks without
+image follows its class when both are right, which `classify` checks without
 any trained network.
 
 The images are generated deterministically (one seeded generator per image) and
@@ -60,7 +60,7 @@ TRAIN_SHARDS = 8
 VAL_SHARDS = 2
 #: Shapes are drawn this many times larger, then box-reduced: smooth, deterministic edges.
 SUPERSAMPLE = 4
-#: Background saturation stays below this; :func:`classify` reads pixels above
+#: Background saturation stays below this; `classify` reads pixels above
 #: ``FOREGROUND_SATURATION`` as the shape.
 BACKGROUND_SATURATION = 0.12
 FOREGROUND_SATURATION = 0.4

@@ -17,8 +17,8 @@ word: the data layer refuses its shell commands (``pipe:`` shard patterns) and i
 choice of where to write files (``data.cache_dir``) unless the same keys are given
 again as overrides.
 
-:func:`load` validates everything before any heavy work and raises one
-:class:`~varkit.errors.RecipeError` listing every problem as
+`load` validates everything before any heavy work and raises one
+`RecipeError` listing every problem as
 ``file:line: key.path: message``.
 """
 
@@ -84,7 +84,7 @@ class PluginSection:
 
 @attrs.frozen(kw_only=True)
 class Recipe:
-    """A validated recipe. Build one with :func:`load` or :func:`from_dict`."""
+    """A validated recipe. Build one with `load` or `from_dict`."""
 
     out_dir: str
     seed: int
@@ -334,7 +334,7 @@ CARRY_OVER = ("sampler",)
 def shared_options(kind: str, name: Any, options: Mapping[str, Any]) -> dict[str, Any]:
     """The entries of ``options`` that plugin ``name`` of ``kind`` has as well.
 
-    Empty for kinds outside :data:`CARRY_OVER` and for an unknown name (validation
+    Empty for kinds outside `CARRY_OVER` and for an unknown name (validation
     reports that).
     """
     if kind not in CARRY_OVER or not isinstance(name, str):
