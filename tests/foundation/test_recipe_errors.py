@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 from varkit import recipe as recipe_mod
 from varkit.cli import main
@@ -194,3 +195,24 @@ def test_validate_prints_every_problem_and_exits_2(capsys):
     assert main(["validate", str(HERE / "child.yaml"), "seed=-1", "train.lr=nan"]) == 2
     err = capsys.readouterr().err
     assert "seed: is -1" in err and "train.lr: is NaN" in err
+
+
+def test_the_pipeline_carries_shared_sampler_options_and_takes_plugin_options():
+    from helpers.tiny import tiny_model, tokenizer_for
+
+    from varkit.pipeline import Pipeline
+    from varkit_plugins.samplers import TopKTopP
+
+    tokenizer = tokenizer_for("scale")
+    model = tiny_model("scale", tokenizer)
+    pipe = Pipeline(tokenizer, model, sampler=TopKTopP(TopKTopP.Config(cfg=2.0, top_k=7)))
+    gumbel = pipe.make_sampler("gumbel")
+    assert (gumbel.name, gumbel.config.cfg, gumbel.config.top_k) == ("gumbel", 2.0, 7)
+    assert pipe.make_sampler("greedy").config.cfg == 2.0
+    with pytest.raises(RecipeError, match="has no option 'min_p'"):
+        pipe.make_sampler("greedy", min_p=0.1)
+    with pytest.raises(RecipeError, match="top_p"):
+        pipe.make_sampler(top_p=2.0)  # a bad value is a VarkitError, not a bare ValueError
+    hot = pipe.generate([0, 1], seed=0, sampler_options={"temperature": 0.5})
+    again = pipe.generate([0, 1], seed=0, sampler_options={"temperature": 0.5})
+    assert hot.shape == (2, 3, 16, 16) and torch.equal(hot, again)
