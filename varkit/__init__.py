@@ -1,7 +1,7 @@
 """varkit: a plugin framework for visual autoregressive image generation.
 
 The public surface: the four plugin base classes and the ``hookimpl`` marker for plugin
-authors, ``load`` and ``from_official_var`` for users (:mod:`varkit.pipeline`), and the
+authors, ``load`` and ``from_official_var`` for users (`varkit.pipeline`), and the
 error hierarchy.
 
 ``load`` and ``from_official_var`` are imported on first use: a plugin package's

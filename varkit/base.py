@@ -146,10 +146,10 @@ class Tokenizer(PluginBase, nn.Module):
     def from_release(cls, state: dict[str, torch.Tensor], **overrides) -> Tokenizer:
         """A tokenizer holding the weights of a published release's own state dict.
 
-        Importers of foreign checkpoints (:mod:`varkit.importers`) find the plugin in the
+        Importers of foreign checkpoints (`varkit.importers`) find the plugin in the
         registry and call this, so the knowledge of a release's layout stays with the
         plugin that implements its architecture. ``overrides`` set config fields the
-        state dict cannot tell. Raises :class:`varkit.CheckpointError` naming the keys
+        state dict cannot tell. Raises `varkit.CheckpointError` naming the keys
         that do not fit.
         """
         raise NotImplementedError(f"tokenizer {cls.name!r} reads no released weights")
@@ -211,6 +211,8 @@ class PredictionUnit(PluginBase, nn.Module):
         Recipe validation calls it before anything is built, with the unit's ``config``
         from the recipe (e.g. to check that a cell size divides the tokenizer's grid).
         A unit may define it without ``config``; it is then called with the tokenizer alone.
+        The constructor raises `varkit.PluginError`, naming the unit, for every tokenizer
+        this refuses (never a bare ``ValueError``); ``varkit.testing.check_unit`` checks it.
         """
         return []
 

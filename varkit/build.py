@@ -1,6 +1,6 @@
 """Building the parts of a run from a validated recipe: modules with fresh weights.
 
-Loading weights into them is :mod:`varkit.loading`.
+Loading weights into them is `varkit.loading`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from varkit.recipe import Recipe
 
 def build_tokenizer(recipe: Recipe, *, device: torch.device | str = "cpu") -> Tokenizer:
     """The recipe's tokenizer with freshly initialised weights (``tokenizer.weights`` is
-    :func:`varkit.loading.recipe_tokenizer`'s business)."""
+    `varkit.loading.recipe_tokenizer`'s business)."""
     section = recipe.tokenizer
     return section.cls(section.config).to(device)
 
@@ -42,20 +42,37 @@ def build_model(recipe: Recipe, tokenizer: Tokenizer, *, device: torch.device | 
     return model.to(device)
 
 
-def build_sampler(recipe: Recipe | None = None, name: str | None = None, **options: Any) -> Sampler:
-    """A sampler: the recipe's, or ``name``'s defaults, with ``options`` overriding fields.
+def build_sampler(
+    recipe: Recipe | None = None, name: str | None = None, *, carry: Any = None, **options: Any
+) -> Sampler:
+    """A sampler: the recipe's, or ``name``'s, with ``options`` overriding fields.
+
+    A sampler named other than the recipe's keeps the recipe sampler's options that it
+    has too (``cfg``, ``top_k``, ...): choosing ``gumbel`` over a recipe's ``topk_topp``
+    with cfg 2.0 samples with cfg 2.0, not gumbel's default. ``carry`` gives that config
+    directly (e.g. a pipeline's current sampler's) when there is no recipe.
 
     Raises:
-        RecipeError: an option is not a field of that sampler's Config.
+        PluginError: the name is unknown or unavailable.
+        RecipeError: an option is not a field of that sampler's Config, or a bad value.
     """
-    if name is None and recipe is not None:
+    if recipe is not None and (name is None or name == recipe.sampler.name):
         name, config = recipe.sampler.name, recipe.sampler.config
     else:
         name = name or DEFAULT_PLUGINS["sampler"]
         config = None
+        if carry is None and recipe is not None:
+            carry = recipe.sampler.config
     cls = registry().get("sampler", name)
-    config = config if config is not None and type(config) is cls.Config else cls.Config()
-    fields = {f.name for f in attrs.fields(cls.Config)}
+    fields = {f.name for f in attrs.fields(cls.Config) if f.init}
+    if config is None or type(config) is not cls.Config:
+        shared = {}
+        if carry is not None and attrs.has(type(carry)):
+            shared = {f.name: getattr(carry, f.name) for f in attrs.fields(type(carry)) if f.name in fields}
+        try:
+            config = cls.Config(**shared)
+        except (TypeError, ValueError):
+            config = cls.Config()  # a shared option this sampler bounds otherwise: its default
     unknown = sorted(set(options) - fields)
     if unknown:
         raise RecipeError(

@@ -1,15 +1,25 @@
 """Turning plain YAML values into attrs config classes, collecting every problem.
 
 Configs are attrs classes whose fields carry plain annotations: ``int``, ``float``,
-``bool``, ``str``, ``X | None``, ``Literal[...]``, ``tuple[T, ...]``, fixed tuples,
-``dict[str, T]`` and nested attrs classes. :func:`structure` checks a value against
-such a class and reports each problem with its key path, so a recipe with five
-mistakes gets five messages at once; :func:`unstructure` is its inverse.
+``bool``, ``str``, ``pathlib.Path``, ``X | None``, ``Literal[...]``, ``tuple[T, ...]``,
+fixed tuples, ``list[T]``, ``dict[K, V]``, bare ``tuple``/``list``/``dict``,
+``collections.abc.Sequence[T]``/``Mapping[K, V]``, ``Any`` and nested attrs classes.
+`structure` checks a value against such a class and reports each problem with
+its key path, so a recipe with five mistakes gets five messages at once;
+`unstructure` is its inverse. `unsupported` says, when a plugin registers,
+which of its Config fields the loader could not fill.
+
+A field with ``metadata={"recipe": False}`` is not a recipe key: a recipe cannot set it
+and `unstructure` leaves it out.
 """
 
 from __future__ import annotations
 
+import collections.abc
+import contextlib
 import functools
+import math
+import pathlib
 import types
 import typing
 from collections.abc import Mapping
@@ -37,8 +47,58 @@ def field_types(cls: type) -> dict[str, Any]:
     return {f.name: hints.get(f.name, Any) for f in attrs.fields(cls)}
 
 
+def is_recipe_field(field: attrs.Attribute) -> bool:
+    """Whether a recipe sets this attrs field (an init field not marked ``recipe: False``)."""
+    return field.init and field.metadata.get("recipe", True)
+
+
+_SCALARS = (bool, int, float, str)
+_SEQUENCES = (tuple, list, collections.abc.Sequence)
+_MAPPINGS = (dict, collections.abc.Mapping)
+
+
+def _is_path(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, pathlib.PurePath)
+
+
+def unsupported(tp: Any) -> str | None:
+    """Why the recipe loader cannot fill a field annotated ``tp``, or None when it can."""
+    origin = typing.get_origin(tp)
+    if tp is Any or tp is type(None) or tp in _SCALARS or _is_path(tp) or tp in _SEQUENCES or tp in _MAPPINGS:
+        return None
+    if isinstance(tp, type) and attrs.has(tp):
+        for name, sub in field_types(tp).items():
+            why = unsupported(sub)
+            if why is not None:
+                return f"{tp.__name__}.{name}: {why}"
+        return None
+    if origin is Literal:
+        bad = [a for a in typing.get_args(tp) if not isinstance(a, _SCALARS) and a is not None]
+        return f"Literal values must be plain scalars, not {bad[0]!r}" if bad else None
+    if origin in (Union, types.UnionType, tuple, list, dict, *_SEQUENCES, *_MAPPINGS):
+        for arg in typing.get_args(tp):
+            if arg is Ellipsis:
+                continue
+            why = unsupported(arg)
+            if why is not None:
+                return why
+        return None
+    return (
+        f"{getattr(tp, '__name__', tp)!s} is not a type a recipe can hold (use int, float, bool, "
+        "str, pathlib.Path, Literal, X | None, tuple, list, dict or a nested attrs class)"
+    )
+
+
 def _describe(tp: Any) -> str:
     origin = typing.get_origin(tp)
+    if _is_path(tp):
+        return "a path"
+    if tp in _SEQUENCES:
+        return "a list"
+    if tp in _MAPPINGS:
+        return "a mapping"
+    if origin in (list, collections.abc.Sequence):
+        return f"a list of ({_describe(typing.get_args(tp)[0])})"
     if tp is type(None):
         return "null"
     if origin is Literal:
@@ -50,7 +110,7 @@ def _describe(tp: Any) -> str:
         if len(args) == 2 and args[1] is Ellipsis:
             return f"a list of ({_describe(args[0])})"
         return "a list of " + str(len(args)) + " items (" + ", ".join(_describe(a) for a in args) + ")"
-    if origin is dict:
+    if origin in (dict, collections.abc.Mapping):
         return "a mapping"
     if isinstance(tp, type) and attrs.has(tp):
         return "a mapping of options"
@@ -105,13 +165,26 @@ def structure(tp: Any, value: Any, path: str, problems: list[Problem]) -> Any:
                     structure(t, v, f"{path}[{i}]", problems) for i, (t, v) in enumerate(zip(items, value))
                 )
                 return out if len(problems) == before else _MISSING
-    elif origin is dict:
+    elif origin in (list, collections.abc.Sequence) or tp in _SEQUENCES:
+        (item_t,) = typing.get_args(tp) or (Any,)
+        if isinstance(value, list | tuple):
+            before = len(problems)
+            out = [structure(item_t, v, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+            if len(problems) > before:
+                return _MISSING
+            return out if (origin or tp) is list else tuple(out)
+    elif origin in (dict, collections.abc.Mapping) or tp in _MAPPINGS:
         key_t, val_t = typing.get_args(tp) or (Any, Any)
         if isinstance(value, Mapping):
-            return {
+            before = len(problems)
+            out = {
                 structure(key_t, k, path, problems): structure(val_t, v, f"{path}.{k}", problems)
                 for k, v in value.items()
             }
+            return out if len(problems) == before else _MISSING
+    elif _is_path(tp):
+        if isinstance(value, str | pathlib.PurePath) and str(value):
+            return tp(value)
     elif tp is bool:
         if isinstance(value, bool):
             return value
@@ -119,13 +192,17 @@ def structure(tp: Any, value: Any, path: str, problems: list[Problem]) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        number = None
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is not None and math.isnan(number):
+            problems.append(Problem(path, "is NaN; give a number"))
+            return _MISSING
+        if number is not None:
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -148,8 +225,8 @@ def structure_attrs(cls: type, value: Any, path: str, problems: list[Problem]) -
     before = len(problems)
     for key, item in value.items():
         sub = f"{path}.{key}" if path else str(key)
-        if key not in fields or not fields[key].init:
-            valid = [n for n, f in fields.items() if f.init]
+        if key not in fields or not is_recipe_field(fields[key]):
+            valid = [n for n, f in fields.items() if is_recipe_field(f)]
             problems.append(
                 Problem(
                     sub,
@@ -172,7 +249,11 @@ def structure_attrs(cls: type, value: Any, path: str, problems: list[Problem]) -
 def unstructure(obj: Any) -> Any:
     """The plain-data form of a config (what YAML holds): dicts, lists, scalars."""
     if attrs.has(type(obj)):
-        return {f.name: unstructure(getattr(obj, f.name)) for f in attrs.fields(type(obj)) if f.init}
+        return {
+            f.name: unstructure(getattr(obj, f.name)) for f in attrs.fields(type(obj)) if is_recipe_field(f)
+        }
+    if isinstance(obj, pathlib.PurePath):
+        return str(obj)
     if isinstance(obj, tuple | list):
         return [unstructure(v) for v in obj]
     if isinstance(obj, Mapping):

@@ -1,7 +1,7 @@
 """The error hierarchy of varkit.
 
 Every error that a user can cause (a bad recipe, an unknown plugin, a wrong checkpoint)
-is a :class:`VarkitError`. The CLI prints these as one paragraph without a traceback
+is a `VarkitError`. The CLI prints these as one paragraph without a traceback
 and exits with status 2; anything else is a bug and keeps its traceback.
 """
 

@@ -7,7 +7,7 @@ A plugin package exposes a module through the ``varkit`` entry-point group::
     minp = "varkit_minp"
 
 and in that module implements one or more of the hooks below with the
-:data:`varkit.hookimpl` marker. Each hook is handed a ``register`` callback; call it
+`varkit.hookimpl` marker. Each hook is handed a ``register`` callback; call it
 once per class you provide::
 
     import varkit
@@ -26,8 +26,8 @@ plugin. Registering must be cheap: no weights, no optional heavy imports (check 
 in the class's ``available()`` instead).
 
 The host validates each registration at once: the class must derive from the kind's
-base class (:class:`varkit.Tokenizer`, :class:`varkit.PredictionUnit`,
-:class:`varkit.AttentionBackend`, :class:`varkit.Sampler`), have a ``name`` matching
+base class (`varkit.Tokenizer`, `varkit.PredictionUnit`,
+`varkit.AttentionBackend`, `varkit.Sampler`), have a ``name`` matching
 ``[a-z][a-z0-9_]*`` and an attrs ``Config`` class, and not reuse a name that another
 plugin registered.
 """
@@ -50,7 +50,7 @@ Register = Callable[[type], None]
 
 @hookspec
 def varkit_register_tokenizers(register: Register) -> None:
-    """Register tokenizer classes (subclasses of :class:`varkit.Tokenizer`).
+    """Register tokenizer classes (subclasses of `varkit.Tokenizer`).
 
     Example::
 
@@ -62,7 +62,7 @@ def varkit_register_tokenizers(register: Register) -> None:
 
 @hookspec
 def varkit_register_prediction_units(register: Register) -> None:
-    """Register prediction unit classes (subclasses of :class:`varkit.PredictionUnit`).
+    """Register prediction unit classes (subclasses of `varkit.PredictionUnit`).
 
     Example::
 
@@ -74,7 +74,7 @@ def varkit_register_prediction_units(register: Register) -> None:
 
 @hookspec
 def varkit_register_attention_backends(register: Register) -> None:
-    """Register attention backend classes (subclasses of :class:`varkit.AttentionBackend`).
+    """Register attention backend classes (subclasses of `varkit.AttentionBackend`).
 
     Example::
 
@@ -86,7 +86,7 @@ def varkit_register_attention_backends(register: Register) -> None:
 
 @hookspec
 def varkit_register_samplers(register: Register) -> None:
-    """Register sampler classes (subclasses of :class:`varkit.Sampler`).
+    """Register sampler classes (subclasses of `varkit.Sampler`).
 
     Example::
 

@@ -20,7 +20,7 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 def make_grid(images: torch.Tensor | np.ndarray, nrow: int, padding: int = 2) -> np.ndarray:
-    """Tile images ``(n, 3, H, W)`` in [0, 1] (or :func:`to_uint8`'s ``(n, H, W, 3)``
+    """Tile images ``(n, 3, H, W)`` in [0, 1] (or `to_uint8`'s ``(n, H, W, 3)``
     uint8) into one ``(H', W', 3)`` uint8 array.
 
     ``nrow`` images per row, ``padding`` black pixels between and around them.
@@ -40,7 +40,7 @@ def make_grid(images: torch.Tensor | np.ndarray, nrow: int, padding: int = 2) ->
 
 
 def save_grid(images: torch.Tensor | np.ndarray, path: str | os.PathLike, nrow: int = 8) -> Path:
-    """Save images (as :func:`make_grid` takes them) as one PNG grid with ``nrow`` images per row.
+    """Save images (as `make_grid` takes them) as one PNG grid with ``nrow`` images per row.
 
     The file is written beside its final name and renamed, so a reader never sees half
     a PNG. Returns the path written.

@@ -1,17 +1,17 @@
 """The Python front door: a trained model ready to use, tokenizer + AR transformer + sampler.
 
 ``varkit.load(run_dir_or_checkpoint)`` and ``varkit.from_official_var(vae, var)`` return
-a :class:`Pipeline`. Where the weights come from is :mod:`varkit.loading` and
-:mod:`varkit.importers`; what a pipeline runs is :mod:`varkit.generation`.
+a `Pipeline`. Where the weights come from is `varkit.loading` and
+`varkit.importers`; what a pipeline runs is `varkit.generation`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-import attrs
 import torch
 
 from varkit.base import Sampler, Tokenizer
@@ -30,7 +30,7 @@ class Pipeline:
     Attributes:
         tokenizer: the (frozen) tokenizer.
         model: the AR transformer (``varkit.model.transformer.ARModel``).
-        sampler: the default sampler of :meth:`generate`.
+        sampler: the default sampler of `generate`.
         recipe: the recipe the model was trained with, when known.
     """
 
@@ -55,7 +55,11 @@ class Pipeline:
         return self
 
     def make_sampler(self, sampler: str | Sampler | None = None, **options: Any) -> Sampler:
-        """A sampler: ``sampler`` (a name or an instance) or this pipeline's, with options set."""
+        """A sampler: ``sampler`` (a name or an instance) or this pipeline's, with options set.
+
+        Another sampler by name keeps the options of this pipeline's sampler that it has
+        too (e.g. ``cfg``).
+        """
         options = {k: v for k, v in options.items() if v is not None}
         if isinstance(sampler, Sampler):
             if options:
@@ -64,11 +68,7 @@ class Pipeline:
         if sampler is None and not options:
             return self.sampler
         name = sampler if sampler is not None else self.sampler.name
-        base = self.sampler if name == self.sampler.name else None
-        config = attrs.evolve(base.config, **options) if base is not None else None
-        if config is not None:
-            return type(base)(config)
-        return build_sampler(None, name, **options)
+        return build_sampler(None, name, carry=self.sampler.config, **options)
 
     @torch.inference_mode()
     def generate(
@@ -82,6 +82,7 @@ class Pipeline:
         more_smooth: bool = False,
         sampler: str | Sampler | None = None,
         dtype: torch.dtype | None = None,
+        sampler_options: Mapping[str, Any] | None = None,
     ) -> torch.Tensor:
         """Generate one image per label.
 
@@ -94,13 +95,17 @@ class Pipeline:
             more_smooth: VAR's smooth mode (the ``gumbel`` sampler).
             sampler: a sampler name or instance instead of the pipeline's own.
             dtype: autocast dtype (e.g. ``torch.bfloat16`` on GPU); None runs in float32.
+            sampler_options: further options of the sampler's Config, by name (e.g.
+                ``{"min_p": 0.1}`` for a plugin sampler, ``{"temperature": 0.9}``).
 
         Returns:
             Images ``(b, 3, H, W)`` in [0, 1].
         """
         if more_smooth:
             sampler = sampler or SMOOTH_SAMPLER
-        chosen = self.make_sampler(sampler, cfg=cfg, top_k=top_k, top_p=top_p)
+        chosen = self.make_sampler(
+            sampler, **{**(sampler_options or {}), "cfg": cfg, "top_k": top_k, "top_p": top_p}
+        )
         labels = torch.as_tensor(labels, dtype=torch.long, device=self.device).reshape(-1)
         generator = torch.Generator(device=self.device).manual_seed(seed)
         return generate_images(self.model, self.tokenizer, chosen, labels, generator=generator, dtype=dtype)
@@ -114,11 +119,17 @@ class Pipeline:
 
     @classmethod
     def from_loaded(cls, loaded: Loaded, *, device: torch.device | str = "cpu") -> Pipeline:
-        """A pipeline of what :mod:`varkit.loading` or an importer loaded, moved to ``device``."""
+        """A pipeline of what `varkit.loading` or an importer loaded, moved to ``device``."""
         return cls(loaded.tokenizer, loaded.model, recipe=loaded.recipe).to(device)
 
 
-def load(path: str | os.PathLike, *, device: torch.device | str = "cpu", ema: bool = True) -> Pipeline:
+def load(
+    path: str | os.PathLike,
+    *,
+    device: torch.device | str = "cpu",
+    ema: bool = True,
+    overrides: Iterable[str] = (),
+) -> Pipeline:
     """A pipeline from a run directory or a checkpoint directory.
 
     Args:
@@ -126,11 +137,13 @@ def load(path: str | os.PathLike, *, device: torch.device | str = "cpu", ema: bo
             ``checkpoints/step-N`` directory, or a directory written by ``varkit import``.
         device: where the pipeline runs.
         ema: use the EMA weights when the checkpoint has them.
+        overrides: ``data.key=value`` applied to the stored recipe; a stored recipe's
+            ``pipe:`` shard patterns and ``data.cache_dir`` are used only when given here.
 
     Raises:
         CheckpointError: nothing loadable at ``path``, or weights that do not fit.
     """
-    return Pipeline.from_loaded(load_checkpoint(path, ema=ema), device=device)
+    return Pipeline.from_loaded(load_checkpoint(path, ema=ema, overrides=overrides), device=device)
 
 
 def from_official_var(

@@ -3,8 +3,10 @@
 Built-in plugins and third-party ones arrive the same way, through the ``varkit``
 entry-point group. Each hook implementation is called on its own with a ``register``
 callback bound to its plugin, so every class is attributed to the distribution that
-registered it. A distribution whose import or registration fails is recorded as
-broken, named, and skipped; the others keep working.
+registered it. A distribution whose import or registration fails (an exception, an
+invalid class, a name another distribution already has) is recorded as broken, named,
+and skipped; the others keep working. varkit's own distribution loads first, so a
+third-party plugin that reuses a built-in name never displaces the built-in.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import pluggy
 
 from varkit import hookspecs
 from varkit.base import AttentionBackend, PluginBase, PredictionUnit, Sampler, Tokenizer
+from varkit.config_types import field_types, is_recipe_field, unsupported
 from varkit.errors import PluginError, did_you_mean
 
 log = logging.getLogger(__name__)
@@ -94,8 +97,10 @@ class Registry:
 
     # -- loading ---------------------------------------------------------------
     def _load_entry_points(self) -> None:
-        for ep in importlib.metadata.entry_points(group=hookspecs.PROJECT):
-            dist = ep.dist.name if ep.dist is not None else ep.value
+        points = importlib.metadata.entry_points(group=hookspecs.PROJECT)
+        # the built-ins first: a name clash then always blames the newcomer
+        for ep in sorted(points, key=lambda ep: _distribution_name(ep) != OWN_DISTRIBUTION):
+            dist = _distribution_name(ep)
             source = f"entry point {ep.name!r} = {ep.value!r}"
             if self.pm.get_plugin(ep.name) is not None:
                 continue  # the same distribution found twice on sys.path
@@ -105,7 +110,11 @@ class Registry:
                 log.warning("plugin distribution %r failed to import: %r", dist, exc)
                 self.broken.append(Broken(dist, source, f"import failed: {exc!r}"))
                 continue
-            self.add(module, name=ep.name, distribution=dist)
+            try:
+                self.add(module, name=ep.name, distribution=dist)
+            except PluginError as exc:
+                log.warning("plugin distribution %r was not registered: %s", dist, exc)
+                self.broken.append(Broken(dist, source, f"registration refused: {exc}"))
 
     def add(self, plugin: object, *, name: str | None = None, distribution: str = "<local>") -> None:
         """Register the hook implementations of ``plugin`` (a module or an object).
@@ -172,6 +181,7 @@ class Registry:
         config = getattr(cls, "Config", None)
         if not (isinstance(config, type) and attrs.has(config)):
             raise PluginError(f"{what}, but its `Config` is not an attrs class.")
+        self._check_config(what, config)
         existing = self.entries[kind.key].get(name)
         if existing is not None and existing.cls is not cls:
             raise PluginError(
@@ -180,6 +190,24 @@ class Registry:
                 f"{distribution!r} ({cls.__module__}.{cls.__qualname__}). Rename one of them."
             )
         return Entry(kind.key, name, cls, distribution)
+
+    @staticmethod
+    def _check_config(what: str, config: type) -> None:
+        """Every recipe field of ``config`` must have a type the recipe loader can fill."""
+        try:
+            types = field_types(config)
+        except Exception as exc:  # an annotation naming something that does not exist
+            raise PluginError(
+                f"{what}, but the annotations of its Config cannot be resolved: {exc!r}."
+            ) from None
+        for field in attrs.fields(config):
+            if not is_recipe_field(field):
+                continue
+            why = unsupported(types[field.name])
+            if why is not None:
+                raise PluginError(
+                    f"{what}, but its Config field {field.name!r} cannot come from a recipe: {why}."
+                )
 
     # -- lookup ----------------------------------------------------------------
     def names(self, kind: str) -> list[str]:
@@ -227,6 +255,13 @@ class Registry:
             for name in sorted(self.entries[kind]):
                 yield self.entries[kind][name]
 
+
+def _distribution_name(ep: importlib.metadata.EntryPoint) -> str:
+    return ep.dist.name if ep.dist is not None else ep.value
+
+
+#: The distribution whose entry points are the built-in plugins.
+OWN_DISTRIBUTION = "varkit"
 
 _lock = threading.Lock()
 _default: Registry | None = None

@@ -63,3 +63,14 @@ def test_recipe_with_min_p_uses_it(installed_minp):
     logits = torch.log(torch.tensor([[[0.5, 0.3, 0.1, 0.1]]])).expand(1, 64, 4)
     codes = sampler.sample(logits, step=1, num_steps=3, generator=torch.Generator().manual_seed(0))
     assert set(codes.unique().tolist()) == {0, 1}
+
+
+def test_the_example_packages_own_tests_pass(installed_minp):
+    """Its tests use varkit.testing, as any plugin package can."""
+    spec = importlib.util.spec_from_file_location("minp_tests", EXAMPLE / "tests" / "test_minp.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    tests = [getattr(module, n) for n in dir(module) if n.startswith("test_")]
+    assert len(tests) == 2
+    for test in tests:
+        test()

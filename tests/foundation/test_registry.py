@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import types
+from pathlib import Path
 
 import attrs
 import pytest
@@ -173,3 +174,117 @@ def test_plugin_configs_are_attrs_frozen_kw_only(fresh_registry):
             for field in attrs.fields(config_cls):
                 setattr(config, field.name, getattr(config, field.name))
             raise attrs.exceptions.FrozenInstanceError  # a Config without fields is frozen too
+
+
+def _fake_distribution(tmp_path, name: str, module: str, source: str) -> None:
+    """An installed distribution (dist-info + module) whose entry point registers ``module``."""
+    dist = tmp_path / f"{name.replace('-', '_')}-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(f"[varkit]\n{module} = {module}\n")
+    (tmp_path / f"{module}.py").write_text(source)
+
+
+CLASHING = """
+import varkit
+
+
+class MyGreedy(varkit.Sampler):
+    name = "greedy"
+
+    def sample(self, logits, *, step, num_steps, generator):
+        return logits.argmin(-1)
+
+
+class Fine(varkit.Sampler):
+    name = "fine_one"
+
+    def sample(self, logits, *, step, num_steps, generator):
+        return logits.argmax(-1)
+
+
+@varkit.hookimpl
+def varkit_register_samplers(register):
+    register(Fine)
+    register(MyGreedy)
+"""
+
+
+def test_a_plugin_reusing_a_builtin_name_is_isolated_and_the_builtin_kept(tmp_path, monkeypatch, capsys):
+    _fake_distribution(tmp_path, "clashing-plugin", "clashing_plugin_mod", CLASHING)
+    monkeypatch.syspath_prepend(str(tmp_path))  # found before varkit's own entry points
+    reg = Registry()
+    assert reg.entry("sampler", "greedy").distribution == "varkit"
+    assert "fine_one" not in reg.names("sampler")  # the whole distribution is out, as on a failed import
+    (broken,) = reg.broken
+    assert broken.distribution == "clashing-plugin"
+    assert "'greedy' is registered twice" in broken.error and "varkit" in broken.error
+
+    from varkit import plugins
+    from varkit.cli import main
+
+    plugins.reset()
+    try:
+        assert main(["plugins", "--kind", "sampler"]) == 0
+        out = capsys.readouterr().out
+        assert "greedy" in out and "broken  clashing-plugin: registration refused" in out
+        assert main(["validate", str(Path(__file__).parent / "recipes" / "child.yaml")]) == 0
+    finally:
+        plugins.reset()
+
+
+def _sampler_with(annotation, default):
+    config = attrs.make_class(
+        "Config", {"option": attrs.field(default=default, type=annotation)}, frozen=True
+    )
+    return type("Typed", (Greedyish,), {"name": "typed", "Config": config})
+
+
+@pytest.mark.parametrize(
+    ("annotation", "default"),
+    [(set, frozenset()), (frozenset[int], frozenset()), (complex, 1j), (type, int), (list[complex], [])],
+)
+def test_a_config_field_the_recipe_loader_cannot_fill_is_refused_at_registration(annotation, default):
+    reg = Registry(load_entry_points=False)
+    with pytest.raises(PluginError) as info:
+        reg.add(
+            plugin_module("p", varkit_register_samplers=samplers(_sampler_with(annotation, default))),
+            distribution="typed-dist",
+        )
+    message = str(info.value)
+    assert (
+        "'typed-dist' registered" in message and "Config field 'option' cannot come from a recipe" in message
+    )
+
+
+@pytest.mark.parametrize(
+    ("annotation", "default", "yaml_value", "expected"),
+    [
+        (tuple, (), [1, "a"], (1, "a")),
+        (list[int], [], [1, 2], [1, 2]),
+        (list, [], [1, "x"], [1, "x"]),
+        (Path, Path("."), "/ckpt/w.pth", Path("/ckpt/w.pth")),
+        (Path | None, None, "a/b", Path("a/b")),
+        (dict, {}, {"a": 1}, {"a": 1}),
+    ],
+)
+def test_config_fields_of_collection_and_path_types_come_from_recipes(
+    annotation, default, yaml_value, expected
+):
+    from varkit.config_types import Problem, structure_attrs, unstructure
+
+    cls = _sampler_with(annotation, default)
+    Registry(load_entry_points=False).add(plugin_module("p", varkit_register_samplers=samplers(cls)))
+    problems: list[Problem] = []
+    config = structure_attrs(cls.Config, {"option": yaml_value}, "sampler", problems)
+    assert not problems and config.option == expected
+    round_trip = structure_attrs(cls.Config, unstructure(config), "sampler", problems)
+    assert not problems and round_trip == config
+
+
+def test_a_bad_element_of_a_list_field_names_its_index():
+    from varkit.config_types import Problem, structure_attrs
+
+    problems: list[Problem] = []
+    structure_attrs(_sampler_with(list[int], []).Config, {"option": [1, "two"]}, "sampler", problems)
+    assert [p.path for p in problems] == ["sampler.option[1]"]

@@ -17,7 +17,7 @@ from train_helpers import tiny_recipe, tiny_recipe_dict
 
 from varkit import checkpoint as ck
 from varkit.cli import main
-from varkit.errors import TrainingError
+from varkit.errors import DataError
 from varkit.train import run
 from varkit.train.metrics import read_metrics
 
@@ -62,10 +62,19 @@ def test_a_second_run_on_a_locked_directory_stops_naming_the_holder_and_a_killed
     assert (out / "run.lock").read_text() == ""  # released
 
 
-def test_a_run_that_fails_at_start_up_leaves_no_recipe_that_refuses_the_corrected_one(tmp_path, fake_stream):
+def test_a_run_that_fails_at_start_up_leaves_no_recipe_that_refuses_the_corrected_one(
+    tmp_path, fake_stream, monkeypatch
+):
+    # A failure that only starting the run can find (the data was not there yet), after
+    # which the user changes the recipe and runs again.
+    def no_data(recipe, **kwargs):
+        raise DataError("data.train_shards names no shards")
+
     out = tmp_path / "run"
-    with pytest.raises(TrainingError, match=r"batch_size 8 does not split into 1 processes × 3"):
-        run(tiny_recipe(out, train={"grad_accum": 3}))
+    with monkeypatch.context() as patch:
+        patch.setattr("varkit.train.loop.build_stream", no_data)
+        with pytest.raises(DataError, match="names no shards"):
+            run(tiny_recipe(out, train={"grad_accum": 1}))
     assert not (out / "recipe.yaml").exists()
     run(tiny_recipe(out, train={"grad_accum": 2, "steps": 2}))  # the corrected recipe is accepted
     assert yaml.safe_load((out / "recipe.yaml").read_text())["train"]["grad_accum"] == 2

@@ -21,6 +21,12 @@ def add_commands(sub: argparse._SubParsersAction, commands: dict) -> None:
         "samples.npz to an evaluator.",
     )
     p.add_argument("checkpoint", help="run directory, checkpoint directory, or `varkit import` output")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help="data.key=value overrides of the stored recipe, e.g. data.val_shards='/data/val-{000000..000009}.tar' "
+        "(a stored recipe's pipe: patterns and data.cache_dir are used only when given here)",
+    )
     p.add_argument("--max-images", type=int, help="stop after this many validation images (default: all)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -32,7 +38,9 @@ def add_commands(sub: argparse._SubParsersAction, commands: dict) -> None:
 def _eval(args: argparse.Namespace) -> int:
     if args.max_images is not None and args.max_images < 1:
         raise VarkitError(f"--max-images must be at least 1, got {args.max_images}")
-    pipe = load(args.checkpoint, device=device_or_default(args.device), ema=not args.no_ema)
+    pipe = load(
+        args.checkpoint, device=device_or_default(args.device), ema=not args.no_ema, overrides=args.overrides
+    )
     metrics = evaluate(
         pipe,
         batch_size=args.batch_size,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from varkit.cli.common import device_or_default
 from varkit.data.codes import write_code_shards
-from varkit.data.folder import write_image_folder
+from varkit.data.folder import check_output, load_class_map, write_image_folder
 from varkit.errors import DataError
 from varkit.loading import load_tokenizer
 
@@ -31,14 +31,27 @@ def add_commands(sub: argparse._SubParsersAction, commands: dict) -> None:
         "shards",
         help="write webdataset shards from an image folder (or tokenizer codes with --tokenize)",
         description="Write SRC, a folder with one subfolder per class (ImageNet's layout; the class "
-        "index is the folder's position in sorted order), as tar shards in OUT, with shards.json "
-        "(samples per shard) and classes.json (folder name -> class index). With --tokenize, encode "
-        "the images of SRC (a folder or an image shard pattern) with a run's tokenizer and write code "
-        "shards that `data.source: codes` trains from.",
+        "index is the folder's position in sorted order), or a flat folder of images with --labels "
+        "(ImageNet's validation layout), as tar shards OUT/PREFIX-000000.tar ... with shards.json "
+        "(samples per shard) and classes.json (class name -> index). Write the validation set with "
+        "--class-map OUT/classes.json of the training set, so both give each class the same index. "
+        "With --tokenize, encode the images of SRC (a folder or an image shard pattern) with a run's "
+        "tokenizer and write code shards that `data.source: codes` trains from.",
     )
     p.add_argument("src", help="image folder, or (with --tokenize) an image shard pattern")
-    p.add_argument("out", help="output directory")
+    p.add_argument("out", help="output directory (not inside SRC)")
     p.add_argument("--prefix", default="train", help="shard name prefix (default train; e.g. val)")
+    p.add_argument(
+        "--class-map",
+        metavar="FILE",
+        help="classes.json to take class indices from (the training shards'); every class of SRC must be in it",
+    )
+    p.add_argument(
+        "--labels",
+        metavar="FILE",
+        help="SRC is a flat folder of images and FILE names each one's class: `IMAGE CLASS` lines (e.g. "
+        "Kaggle's LOC_val_solution.csv) or one class per line for the images in sorted order",
+    )
     p.add_argument("--shard-size", type=_size, default=256 << 20, help="target shard size (default 256MB)")
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffled writing order (default 0)")
     p.add_argument("--no-shuffle", action="store_true", help="write in folder order (classes sorted)")
@@ -58,6 +71,7 @@ def add_commands(sub: argparse._SubParsersAction, commands: dict) -> None:
 def _shards(args: argparse.Namespace) -> int:
     if args.tokenize:
         return _tokenize(args)
+    class_map = load_class_map(args.class_map) if args.class_map else None
     s = write_image_folder(
         args.src,
         args.out,
@@ -67,19 +81,28 @@ def _shards(args: argparse.Namespace) -> int:
         seed=args.seed,
         workers=args.workers,
         progress=not args.no_progress,
+        class_map=class_map,
+        labels=args.labels,
     )
     print(f"images   {s.images}")
-    print(f"classes  {s.classes} (mapping in {Path(args.out) / 'classes.json'})")
+    of = f" of the {s.mapped} in the mapping" if s.mapped != s.classes else ""
+    print(
+        f"classes  {s.classes}{of} (mapping in {Path(args.out) / 'classes.json'}; data.num_classes={s.mapped})"
+    )
     print(f"shards   {s.shards}")
     print(f"bytes    {s.bytes} ({s.bytes / 2**20:.1f} MiB)")
     print(f"skipped  {len(s.skipped)} unreadable files")
     for path, why in s.skipped:
         print(f"  {path}: {why}")
     print(f"pattern  {s.pattern}")
+    field = "val_shards" if args.prefix.startswith("val") else "train_shards"
+    print(f"recipe   data.{field}='{s.pattern}'  (quoted: the shell must not expand the braces)")
     return 0
 
 
 def _tokenize(args: argparse.Namespace) -> int:
+    if Path(args.src).is_dir():
+        check_output(args.src, args.out)
     device = device_or_default(args.device)
     tokenizer = load_tokenizer(args.tokenize, device=device)
     resolution = args.resolution or getattr(tokenizer.config, "image_size", None)

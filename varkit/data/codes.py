@@ -133,7 +133,7 @@ def _image_source(src: str) -> tuple[Iterator[tuple[str, bytes | None, int | str
 
 @attrs.define
 class CodeSummary:
-    """What :func:`write_code_shards` wrote."""
+    """What `write_code_shards` wrote."""
 
     pattern: str
     images: int
@@ -161,11 +161,11 @@ def write_code_shards(
 ) -> CodeSummary:
     """Encode every image of ``src`` (an image folder or a shard pattern) into code shards.
 
-    Each image gives ``crops`` crops (see :func:`crop_params`), resized and cropped as
+    Each image gives ``crops`` crops (see `crop_params`), resized and cropped as
     in training (VAR's augmentation), encoded by ``tokenizer.encode`` in batches.
 
     Args:
-        tokenizer: any :class:`varkit.base.Tokenizer` (only ``encode``, ``schedule``
+        tokenizer: any `varkit.base.Tokenizer` (only ``encode``, ``schedule``
             and ``vocab_size`` are used).
         src: image folder (class per subfolder) or image shard pattern.
         out: output directory.

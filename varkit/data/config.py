@@ -1,15 +1,91 @@
-"""Recipe options of the data layer: where images (or codes) come from and how they are augmented.
+"""Recipe options of the data layer, and the table of data sources that ``data.source`` names.
 
-These classes import nothing heavy, so a recipe validates before any data is touched.
+A data source is one row of `SOURCES`: what the recipe must give for it, how
+many classes the model embeds, which shards each split reads and, when the source has
+one, a classifier of generated images. A new source is a module that calls
+`register_source`; nothing else in varkit names the sources.
+
+These classes read no data, so a recipe validates before any data is touched.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import attrs
 
 from varkit import validators as V
+from varkit.errors import DataError, did_you_mean
+
+#: Fields whose values, when they come from a recipe stored with a checkpoint rather
+#: than from the user, are refused where they would run a command (a ``pipe:`` shard
+#: pattern) or choose where files are written (``cache_dir``).
+GUARDED_FIELDS = ("train_shards", "val_shards", "codes", "cache_dir")
+
+
+@attrs.frozen(kw_only=True)
+class DataSource:
+    """One data source: a row of the table that ``data.source`` picks from.
+
+    Attributes:
+        name: what recipes write (``data.source: NAME``).
+        summary: one line for listings and errors.
+        yields: what training batches hold: ``images`` or ``codes``.
+        resolve: ``(config, split, tokenizer) -> varkit.data.sources.Source``, the shards
+            of ``split`` (``train`` or ``val``); evaluation reads images, so ``val``
+            resolves to image shards whatever ``yields`` is.
+        check: ``config -> [problem, ...]``, what the recipe lacks for this source.
+        classes: ``config -> int``, the number of classes the model embeds.
+        classifiers: named classifiers of generated images ``(b, 3, H, W)`` in [0, 1]
+            returning ``(b,)`` class indices (-1: none); evaluation reports the share
+            of samples each assigns to their class as ``sample_<name>_accuracy``.
+        patterns: the DataConfig fields holding shard patterns this source reads, with
+            the kind each must hold (``varkit validate`` checks that they resolve).
+    """
+
+    name: str
+    summary: str
+    yields: str = attrs.field(validator=attrs.validators.in_(("images", "codes")))
+    resolve: Callable[..., Any]
+    check: Callable[[Any], list[str]] = lambda config: []
+    classes: Callable[[Any], int] = lambda config: config.num_classes
+    classifiers: Mapping[str, Callable[..., Any]] = attrs.field(factory=dict)
+    patterns: Mapping[str, str] = attrs.field(factory=dict)
+
+
+#: The data sources by name; `register_source` adds one.
+SOURCES: dict[str, DataSource] = {}
+
+
+def register_source(source: DataSource) -> DataSource:
+    """Add a data source to the table (a name registered twice is an error)."""
+    existing = SOURCES.get(source.name)
+    if existing is not None and existing is not source:
+        raise DataError(
+            f"data source {source.name!r} is registered twice ({existing.summary!r} and {source.summary!r})"
+        )
+    SOURCES[source.name] = source
+    return source
+
+
+def data_source(name: str) -> DataSource:
+    """The table's row for ``name``.
+
+    Raises:
+        DataError: no source has that name (the message lists those that exist).
+    """
+    if name not in SOURCES:
+        raise DataError(_unknown(name))
+    return SOURCES[name]
+
+
+def _unknown(name: str) -> str:
+    return (
+        f"data.source {name!r} is not a data source{did_you_mean(str(name), SOURCES)}; "
+        f"the sources are: {', '.join(sorted(SOURCES))}"
+    )
+
 
 #: How many synthetic classes exist (``varkit.data.synthetic.CLASS_NAMES``).
 MAX_SYNTHETIC_CLASSES = 10
@@ -31,7 +107,12 @@ class SyntheticConfig:
     #: Validation images per class (centre-cropped, never shuffled).
     val_images_per_class: int = attrs.field(default=50, validator=V.positive)
     #: Seed of the generator; the same seed gives byte-identical shards.
-    seed: int = 0
+    seed: int = attrs.field(default=0)
+
+    @seed.validator
+    def _check_seed(self, attribute, value):
+        if not 0 <= value < 2**63:
+            raise ValueError(f"synthetic.seed is {value}; a seed is an integer in [0, 2^63)")
 
     @num_classes.validator
     def _check_classes(self, attribute, value):
@@ -46,15 +127,17 @@ class SyntheticConfig:
 class DataConfig:
     """Where training images come from, and VAR's augmentation of them.
 
-    ``source`` picks the stream: ``synthetic`` (the embedded default, written to the
-    cache on first use), ``shards`` (webdataset tar shards of ``jpg``/``png``/``webp``
-    plus ``cls``, e.g. ImageNet written by ``varkit shards``) or ``codes`` (shards of
-    tokenizer codes written by ``varkit shards --tokenize``; training then skips
-    decoding and encoding altogether).
+    ``source`` names a row of the table of data sources (`SOURCES`); the built-in
+    ones are ``synthetic`` (the embedded default, written to the cache on first use),
+    ``shards`` (webdataset tar shards of ``jpg``/``png``/``webp`` plus ``cls``, e.g.
+    ImageNet written by ``varkit shards``) and ``codes`` (shards of tokenizer codes
+    written by ``varkit shards --tokenize``; training then skips decoding and encoding
+    altogether).
     """
 
-    #: Which stream feeds training; the synthetic set needs no download.
-    source: Literal["synthetic", "shards", "codes"] = "synthetic"
+    #: Which stream feeds training (a name in the table of data sources); the synthetic
+    #: set needs no download.
+    source: str = "synthetic"
     #: Training shards: a path or brace pattern (``train-{000000..001023}.tar``) or a
     #: ``pipe:`` command; needed when source is ``shards``.
     train_shards: str | None = None
@@ -90,19 +173,20 @@ class DataConfig:
     #: Where the synthetic shards are cached; None uses ``$VARKIT_CACHE`` or
     #: ``~/.cache/varkit``.
     cache_dir: str | None = None
+    #: Not a recipe key: the fields of `GUARDED_FIELDS` whose values come from a
+    #: recipe stored with a checkpoint (``varkit.recipe.from_dict(..., stored=True)``)
+    #: rather than from the user; the data layer refuses to run their ``pipe:``
+    #: commands or to write into their ``cache_dir``.
+    untrusted: frozenset[str] = attrs.field(
+        factory=frozenset, converter=frozenset, eq=False, metadata={"recipe": False}
+    )
 
     def __attrs_post_init__(self):
-        if self.source == "shards" and not self.train_shards:
-            raise ValueError(
-                "data.train_shards is not set but data.source is 'shards'; give a shard "
-                "pattern such as /data/imagenet/train-{000000..001023}.tar (write shards "
-                "from an image folder with `varkit shards SRC OUT`)"
-            )
-        if self.source == "codes" and not self.codes:
-            raise ValueError(
-                "data.codes is not set but data.source is 'codes'; give the code-shard "
-                "pattern printed by `varkit shards --tokenize RUN SRC OUT`"
-            )
+        if self.source not in SOURCES:
+            raise ValueError(_unknown(self.source))
+        problems = SOURCES[self.source].check(self)
+        if problems:
+            raise ValueError("; ".join(problems))
         if self.crop_ratio < 1.0:
             raise ValueError(
                 f"data.crop_ratio is {self.crop_ratio} but must be at least 1 "
@@ -112,13 +196,8 @@ class DataConfig:
             raise ValueError(
                 f"data.samples_per_epoch is {self.samples_per_epoch}; give a positive count or null"
             )
-        if self.source == "synthetic" and self.synthetic.num_classes > self.num_classes:
-            raise ValueError(
-                f"data.synthetic.num_classes ({self.synthetic.num_classes}) exceeds "
-                f"data.num_classes ({self.num_classes}); raise data.num_classes"
-            )
 
     @property
     def classes(self) -> int:
         """The number of classes the model should embed for this source."""
-        return self.synthetic.num_classes if self.source == "synthetic" else self.num_classes
+        return SOURCES[self.source].classes(self)

@@ -1,8 +1,11 @@
-"""Image folders (one subfolder per class, ImageNet's layout) and writing them as shards.
+"""Image folders (one subfolder per class, ImageNet's layout, or a flat folder with a
+labels file, ImageNet's validation layout) and writing them as shards.
 
 The class index of a folder is its position among the class folder names sorted as
 strings, so ImageNet's synset folders (``n01440764`` ...) get the usual indices 0-999.
-The mapping is written beside the shards as ``classes.json`` (``{name: index}``).
+The mapping is written beside the shards as ``classes.json`` (``{name: index}``); a
+later call for another split reuses it with ``class_map`` so that both splits give
+every class the same index, whichever classes each holds.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import logging
 import os
 import random
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -40,22 +43,97 @@ class ImageFolder:
     """The images of a folder tree and their classes."""
 
     root: Path
-    #: Class folder names, sorted; the index of a name is its class.
-    classes: tuple[str, ...]
+    #: ``{class name: class index}`` of every class the indices are drawn from (the
+    #: folder's own classes, or a given map that may hold more).
+    mapping: Mapping[str, int]
     #: ``(path, class index)`` of every image, classes in order, files sorted.
     files: tuple[tuple[Path, int], ...]
 
     @property
-    def mapping(self) -> dict[str, int]:
-        """``{class folder name: class index}``."""
-        return {name: i for i, name in enumerate(self.classes)}
+    def classes(self) -> tuple[str, ...]:
+        """The class names of the mapping, in index order."""
+        return tuple(sorted(self.mapping, key=self.mapping.__getitem__))
 
 
-def scan_image_folder(src: str | os.PathLike) -> ImageFolder:
-    """List the class folders of ``src`` and the images inside each (recursively).
+def _images_in(directory: Path, *, recursive: bool) -> list[Path]:
+    found = directory.rglob("*") if recursive else directory.iterdir()
+    return sorted(
+        p for p in found if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not p.name.startswith(".")
+    )
+
+
+def _check_map(
+    names: Iterable[str], class_map: Mapping[str, int] | None, root: Path, what: str
+) -> dict[str, int]:
+    """The mapping to use: ``class_map`` (which must hold every name) or the names sorted."""
+    names = sorted(set(names))
+    if class_map is None:
+        return {name: i for i, name in enumerate(names)}
+    unknown = [n for n in names if n not in class_map]
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (f" ... ({len(unknown)} in all)" if len(unknown) > 5 else "")
+        raise DataError(
+            f"{root}: {what} {shown} not in the class map ({len(class_map)} classes); the class map must be "
+            "the one of the training set (its classes.json), and this folder must hold the same classes "
+            "or a subset of them"
+        )
+    return dict(class_map)
+
+
+def read_labels(path: str | os.PathLike) -> tuple[list[str], dict[str, str]]:
+    """A labels file of a flat image folder: ``(classes in order, {image stem: class})``.
+
+    Two layouts are read:
+
+    - one line per image, ``IMAGE CLASS`` separated by a comma or spaces, extra fields
+      ignored; the image is named with or without its extension, and a first line whose
+      second field is not a class (``ImageId,PredictionString``) is a header. Kaggle's
+      ImageNet ``LOC_val_solution.csv`` is such a file (the first word of its second
+      field is the synset).
+    - one class per line, for the images in sorted order (TensorFlow's
+      ``imagenet_2012_validation_synset_labels.txt``); the second dict is then empty.
 
     Raises:
-        DataError: ``src`` is not a directory, has no class folders, or no images.
+        DataError: the file is missing, empty or of neither layout.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"labels file {path} does not exist")
+    rows = [re.split(r"[,\s]+", line.strip()) for line in path.read_text().splitlines() if line.strip()]
+    if not rows:
+        raise DataError(f"labels file {path} is empty")
+    if all(len(r) == 1 for r in rows):
+        return [r[0] for r in rows], {}
+    if any(len(r) < 2 for r in rows):
+        bad = next(i for i, r in enumerate(rows) if len(r) < 2)
+        raise DataError(
+            f"labels file {path}: line {bad + 1} has no class; give `IMAGE CLASS` on every line, or one "
+            "class per line for the images in sorted order"
+        )
+    if rows[0][0].lower() in ("imageid", "image", "file", "filename", "name", "path"):
+        rows = rows[1:]
+    by_stem = {Path(r[0]).name.split(".")[0]: r[1] for r in rows}
+    return [], by_stem
+
+
+def scan_image_folder(
+    src: str | os.PathLike,
+    *,
+    class_map: Mapping[str, int] | None = None,
+    labels: str | os.PathLike | None = None,
+) -> ImageFolder:
+    """List the images of ``src`` and their classes.
+
+    Args:
+        src: a folder with one subfolder per class (searched recursively), or, with
+            ``labels``, a flat folder of images.
+        class_map: ``{class name: index}`` to use instead of the sorted class names
+            (e.g. the training set's ``classes.json`` for its validation set).
+        labels: a labels file naming each image's class (see `read_labels`).
+
+    Raises:
+        DataError: ``src`` is not a directory, has no classes or no images, an image has
+            no label, or a class is not in ``class_map``.
     """
     root = Path(src)
     if not root.is_dir():
@@ -64,26 +142,52 @@ def scan_image_folder(src: str | os.PathLike) -> ImageFolder:
             f"image folder {root} {what}; give a directory with one subfolder per class "
             "(e.g. ImageNet's train/ with its n01440764/ ... folders)"
         )
+    if labels is not None:
+        return _scan_flat(root, labels, class_map)
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise DataError(
             f"image folder {root} has no class subfolders; put each class's images in a folder "
-            "named after the class (the class index is the folder's position in sorted order)"
+            "named after the class (the class index is the folder's position in sorted order), or "
+            "give a labels file for a flat folder (--labels)"
         )
+    mapping = _check_map(classes, class_map, root, "class folders")
     files = []
-    for index, name in enumerate(classes):
-        found = sorted(
-            p
-            for p in (root / name).rglob("*")
-            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not p.name.startswith(".")
-        )
-        files.extend((p, index) for p in found)
+    for name in classes:
+        files.extend((p, mapping[name]) for p in _images_in(root / name, recursive=True))
     if not files:
         raise DataError(
             f"image folder {root} has {len(classes)} class folders but no images "
             f"(looked for {', '.join(sorted(IMAGE_SUFFIXES))})"
         )
-    return ImageFolder(root=root, classes=tuple(classes), files=tuple(files))
+    return ImageFolder(root=root, mapping=mapping, files=tuple(sorted(files, key=lambda f: (f[1], f[0]))))
+
+
+def _scan_flat(root: Path, labels: str | os.PathLike, class_map: Mapping[str, int] | None) -> ImageFolder:
+    images = _images_in(root, recursive=False)
+    if not images:
+        raise DataError(
+            f"image folder {root} holds no images (looked for {', '.join(sorted(IMAGE_SUFFIXES))})"
+        )
+    in_order, by_stem = read_labels(labels)
+    if in_order:
+        if len(in_order) != len(images):
+            raise DataError(
+                f"labels file {labels} lists {len(in_order)} classes, one per image in sorted order, but "
+                f"{root} holds {len(images)} images"
+            )
+        named = list(zip(images, in_order))
+    else:
+        missing = [p.name for p in images if p.name.split(".")[0] not in by_stem]
+        if missing:
+            raise DataError(
+                f"labels file {labels} has no class for {len(missing)} of the {len(images)} images of "
+                f"{root} (first: {missing[0]}); give a labels file of this folder"
+            )
+        named = [(p, by_stem[p.name.split(".")[0]]) for p in images]
+    mapping = _check_map((c for _, c in named), class_map, root, "classes")
+    files = sorted(((p, mapping[c]) for p, c in named), key=lambda f: (f[1], f[0]))
+    return ImageFolder(root=root, mapping=mapping, files=tuple(files))
 
 
 def read_image_file(path: Path) -> tuple[str, bytes] | str:
@@ -111,16 +215,19 @@ def read_image_file(path: Path) -> tuple[str, bytes] | str:
 
 @attrs.define
 class FolderSummary:
-    """What :func:`write_image_folder` wrote."""
+    """What `write_image_folder` wrote."""
 
     #: Brace pattern of the shards (what a recipe puts in ``data.train_shards``).
     pattern: str
     images: int
+    #: Classes of the images written.
     classes: int
     shards: int
     bytes: int
     #: ``(path, reason)`` of every file that was left out.
     skipped: list[tuple[str, str]]
+    #: Classes of the mapping (``classes.json``): what ``data.num_classes`` should be.
+    mapped: int = 0
 
 
 def _key(path: Path, folder: ImageFolder, used: set[str]) -> str:
@@ -134,6 +241,50 @@ def _key(path: Path, folder: ImageFolder, used: set[str]) -> str:
     return unique
 
 
+def check_output(src: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Refuse an output folder that is a file or lies inside the image folder.
+
+    Inside ``src``, a second run would take the output folder for a class folder and
+    shift every label after it.
+    """
+    out, root = Path(out), Path(src)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"output {out} is a file; give a directory for the shards (it is created)")
+    if root.is_dir() and out.resolve().is_relative_to(root.resolve()):
+        raise DataError(
+            f"output {out} is inside the image folder {root}: a later run would read it as a class "
+            "folder and shift every label after it. Write the shards outside the image folder"
+        )
+    return out
+
+
+def load_class_map(path: str | os.PathLike) -> dict[str, int]:
+    """A ``classes.json`` (``{name: index}``) to reuse, checked.
+
+    Raises:
+        DataError: the file is missing, not JSON, or not a map of names to distinct
+            non-negative indices.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(
+            f"class map {path} does not exist; give the classes.json written beside the training shards"
+        )
+    try:
+        mapping = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DataError(f"class map {path} is not JSON ({exc})") from None
+    ok = isinstance(mapping, dict) and all(
+        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
+        for k, v in mapping.items()
+    )
+    if not ok or len(set(mapping.values())) != len(mapping):
+        raise DataError(
+            f"class map {path} must map class names to distinct non-negative indices, like classes.json"
+        )
+    return mapping
+
+
 def write_image_folder(
     src: str | os.PathLike,
     out: str | os.PathLike,
@@ -144,6 +295,8 @@ def write_image_folder(
     seed: int = 0,
     workers: int = 0,
     progress: bool = True,
+    class_map: Mapping[str, int] | None = None,
+    labels: str | os.PathLike | None = None,
 ) -> FolderSummary:
     """Write the images of an image folder as webdataset shards, plus ``classes.json``.
 
@@ -152,7 +305,7 @@ def write_image_folder(
     summary and logged.
 
     Args:
-        src: folder with one subfolder per class.
+        src: folder with one subfolder per class, or (with ``labels``) a flat folder.
         out: output directory (created); shards are ``{prefix}-000000.tar`` ...
         prefix: shard name prefix, e.g. ``train`` or ``val``.
         shard_bytes: target size of one shard.
@@ -161,12 +314,29 @@ def write_image_folder(
         seed: seed of that order.
         workers: processes that read and check the images (0: this process).
         progress: show a tqdm progress bar.
+        class_map: ``{class name: index}`` to use, e.g. the training shards'
+            ``classes.json`` when writing the validation set (every class of ``src``
+            must be in it).
+        labels: a labels file giving each image's class (see `read_labels`).
+
+    Raises:
+        DataError: ``out`` is a file or inside ``src``; ``out`` already holds a
+            ``classes.json`` of another mapping (so indices would disagree between
+            splits: pass it as ``class_map``); nothing readable.
     """
-    folder = scan_image_folder(src)
+    out = check_output(src, out)
+    folder = scan_image_folder(src, class_map=class_map, labels=labels)
+    existing = read_classes(out) if (out / CLASSES_NAME).is_file() else None
+    if existing is not None and existing != dict(folder.mapping):
+        raise DataError(
+            f"{out / CLASSES_NAME} already maps {len(existing)} classes, and {src} would get another mapping "
+            f"({len(folder.mapping)} classes): the two splits would disagree on class indices. To give "
+            f"{src} the same indices, pass --class-map {out / CLASSES_NAME}; to start afresh, write into "
+            "another folder"
+        )
     files = list(folder.files)
     if shuffle:
         random.Random(seed).shuffle(files)
-    out = Path(out)
     sink = ShardSink(out, prefix=prefix, max_bytes=shard_bytes)
     skipped: list[tuple[str, str]] = []
     used: set[str] = set()
@@ -185,15 +355,17 @@ def write_image_folder(
         raise DataError(
             f"no image of {folder.root} could be read ({len(skipped)} files tried); see the warnings"
         )
-    written = sink.close({"kind": "images", "classes": len(folder.classes), "source": str(folder.root)})
-    write_json_atomic(out / CLASSES_NAME, folder.mapping)
+    num_classes = max(folder.mapping.values()) + 1
+    written = sink.close({"kind": "images", "classes": num_classes, "source": str(folder.root)})
+    write_json_atomic(out / CLASSES_NAME, dict(folder.mapping))
     return FolderSummary(
         pattern=written.pattern,
         images=written.samples,
-        classes=len(folder.classes),
+        classes=len({label for _, label in folder.files}),
         shards=written.shards,
         bytes=written.bytes,
         skipped=skipped,
+        mapped=num_classes,
     )
 
 
@@ -223,7 +395,7 @@ def read_classes(directory: str | os.PathLike) -> dict[str, int] | None:
 
 def iter_folder(folder: ImageFolder) -> Iterable[tuple[str, bytes, int]]:
     """``(key, bytes, class)`` of every file of a folder, in its order, keyed as the shards
-    that :func:`write_image_folder` writes (unique, webdataset-safe)."""
+    that `write_image_folder` writes (unique, webdataset-safe)."""
     used: set[str] = set()
     for path, label in folder.files:
         yield _key(path, folder, used), path.read_bytes(), label

@@ -191,7 +191,7 @@ class WriteSummary:
 class ShardSink:
     """Writes samples into numbered tar shards of about ``max_bytes`` each.
 
-    Shards are named ``{prefix}-{000000}.tar``; :meth:`close` writes (or updates) the
+    Shards are named ``{prefix}-{000000}.tar``; `close` writes (or updates) the
     ``shards.json`` index beside them with each shard's sample count. ``max_samples``
     caps the samples per shard as well (the synthetic set uses it to get a fixed
     number of shards, so that ranks and workers each get some).
@@ -201,7 +201,7 @@ class ShardSink:
         self,
         out_dir: str | os.PathLike,
         *,
-        prefix: str = "shard",
+        prefix: str = "train",
         max_bytes: int = 256 << 20,
         max_samples: int | None = None,
     ):

@@ -46,11 +46,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from varkit.base import Tokenizer
 from varkit.data import transforms
-from varkit.data.codes import CODE_DTYPES, CodeLayout, split_codes
+from varkit.data.codes import CodeLayout, split_codes
 from varkit.data.config import DataConfig
-from varkit.data.shards import IMAGE_EXTS, ShardSet, iter_samples, open_shards, parse_label
-from varkit.data.synthetic import ensure_synthetic
+from varkit.data.shards import iter_samples, parse_label
+from varkit.data.sources import Source, resolve_source
 from varkit.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -96,84 +97,20 @@ class Batch:
         )
 
 
-@attrs.frozen(kw_only=True)
-class Source:
-    """What a stream reads: shard urls, what they hold, and how many samples."""
-
-    kind: str  # "images" or "codes"
-    shards: ShardSet
-    #: The recipe field the pattern came from (named in errors).
-    field: str
-    layout: CodeLayout | None = None
-
-
-def resolve_source(config: DataConfig, *, split: str = "train", tokenizer=None) -> Source:
-    """The shards a stream reads for ``config.source`` (``split``: ``train`` or ``val``).
-
-    The synthetic set is generated into the cache on first use. Evaluation always
-    reads images: the val shards, or the synthetic val split.
-
-    Raises:
-        DataError: the pattern names no shards, or they hold the wrong kind of data.
-    """
-    if config.source == "synthetic":
-        patterns = ensure_synthetic(config)
-        return Source(
-            kind="images", shards=open_shards(patterns[split], field="data.synthetic"), field="data.synthetic"
-        )
-    if split == "val":
-        if not config.val_shards:
-            raise DataError(
-                "data.val_shards is not set; evaluation needs image shards, e.g. written by "
-                "`varkit shards /data/imagenet/val OUT --prefix val`"
-            )
-        field, pattern, kind = "data.val_shards", config.val_shards, "images"
-    elif config.source == "codes":
-        field, pattern, kind = "data.codes", config.codes, "codes"
-    else:
-        field, pattern, kind = "data.train_shards", config.train_shards, "images"
-    shards = open_shards(pattern, field=field)
-    if shards.meta and shards.kind != kind:
-        hint = (
-            "point data.codes at shards written by `varkit shards --tokenize`"
-            if kind == "codes"
-            else "these are code shards: set data.source: codes and data.codes to this pattern"
-        )
-        raise DataError(f"{field} {pattern!r} holds {shards.kind}, not {kind}; {hint}")
-    layout = None
-    if kind == "codes":
-        layout = _code_layout(shards, field, tokenizer)
-    return Source(kind=kind, shards=shards, field=field, layout=layout)
-
-
-def _code_layout(shards: ShardSet, field: str, tokenizer) -> CodeLayout:
-    if shards.meta.get("kind") == "codes":
-        layout = CodeLayout.from_meta(shards.meta)
-        if tokenizer is not None and (
-            tuple(map(tuple, tokenizer.schedule)) != layout.schedule
-            or tokenizer.vocab_size != layout.vocab_size
-        ):
-            raise DataError(
-                f"{field}: the code shards hold codes of schedule {layout.schedule} and vocabulary "
-                f"{layout.vocab_size}, but the tokenizer has {tuple(tokenizer.schedule)} and "
-                f"{tokenizer.vocab_size}; write them again with this tokenizer (`varkit shards --tokenize`)"
-            )
-        return layout
-    if tokenizer is None:
-        raise DataError(
-            f"{field} {shards.pattern!r} has no shards.json saying how its codes are laid out; keep the "
-            "index that `varkit shards --tokenize` wrote beside the shards, or pass the tokenizer"
-        )
-    # crops are read off the first sample's size when there is no index
-    return CodeLayout(schedule=tokenizer.schedule, vocab_size=tokenizer.vocab_size, crops=0)
-
-
 # ---------------------------------------------------------------------- the reader
 
 
 def _share(n: int, parts: int, part: int) -> int:
     """How many of ``0 .. n-1`` are ``part`` modulo ``parts``."""
     return n // parts + (1 if part < n % parts else 0)
+
+
+@attrs.define
+class _PassEnd:
+    """Marks the end of one pass over a slot's shards: which shards, how many samples."""
+
+    urls: list[str] = attrs.field(factory=list)
+    samples: int = 0
 
 
 @attrs.frozen(kw_only=True)
@@ -186,23 +123,23 @@ class _Reader:
     seed: int
     rank: int = 0
     world_size: int = 1
-    resolution: int
-    crop_ratio: float
-    hflip: bool
     num_classes: int
     shuffle_buffer: int
     resampled: bool
 
     # -- samples -----------------------------------------------------------------
     def _shard_passes(self, epoch: int, slot: int, slots: int) -> Iterator[Iterator[tuple[str, int, int]]]:
-        """Passes over the slot's shards: each an iterator of ``(url, keep_mod, keep_rem)``."""
+        """Passes over the slot's shards: each an iterator of ``(url, keep_mod, keep_rem)``.
+
+        In resampled mode a pass is as many shards, drawn with replacement, as the set has.
+        """
         urls = self.source.shards.urls
         n = len(urls)
+        if self.train and self.resampled:
+            rng = np.random.default_rng([self.seed, epoch, slot, 0, _RESAMPLE])
+            while True:
+                yield ((urls[int(rng.integers(n))], 1, 0) for _ in range(n))
         for p in counter():
-            if self.train and self.resampled:
-                rng = np.random.default_rng([self.seed, epoch, slot, p, _RESAMPLE])
-                yield ((urls[int(rng.integers(n))], 1, 0) for _ in counter())
-                return
             order = (
                 np.random.default_rng([self.seed, epoch, p, _SHARDS]).permutation(n)
                 if self.train
@@ -215,109 +152,90 @@ class _Reader:
             if not self.train:
                 return
 
-    def samples(self, epoch: int, slot: int, slots: int) -> Iterator[tuple[str, str, dict[str, bytes]]]:
+    def samples(
+        self, epoch: int, slot: int, slots: int
+    ) -> Iterator[tuple[str, str, dict[str, bytes]] | _PassEnd]:
         """The slot's samples ``(url, key, members)``, shuffled; endless for training.
 
-        The shuffle buffer drains at the end of each pass over the slot's shards, so a
-        pass never mixes with the next: an epoch that fits in one pass sees each of the
-        slot's samples exactly once.
+        Each pass over the slot's shards ends with a `_PassEnd`. The shuffle
+        buffer drains at the end of each pass, so a pass never mixes with the next: an
+        epoch that fits in one pass sees each of the slot's samples exactly once.
         """
         rng = np.random.default_rng([self.seed, epoch, slot, _SHUFFLE])
-        for shard_pass in self._passes(epoch, slot, slots):
-            if self.train and self.shuffle_buffer > 1:
-                shard_pass = _shuffled(shard_pass, self.shuffle_buffer, rng)
-            yield from shard_pass
-
-    def _passes(
-        self, epoch: int, slot: int, slots: int
-    ) -> Iterator[Iterator[tuple[str, str, dict[str, bytes]]]]:
         for shard_pass in self._shard_passes(epoch, slot, slots):
-            yield self._read(shard_pass, slot, slots)
+            end = _PassEnd()
+            samples = self._read(shard_pass, slot, slots, end)
+            if self.train and self.shuffle_buffer > 1:
+                samples = _shuffled(samples, self.shuffle_buffer, rng)
+            yield from samples
+            yield end
 
-    def _read(self, shard_pass, slot: int, slots: int) -> Iterator[tuple[str, str, dict[str, bytes]]]:
-        found, index = 0, 0
+    def _read(
+        self, shard_pass, slot: int, slots: int, end: _PassEnd
+    ) -> Iterator[tuple[str, str, dict[str, bytes]]]:
+        index = 0
         for url, mod, rem in shard_pass:
+            end.urls.append(url)
             for key, members in iter_samples(url):
                 index += 1
                 if (index - 1) % mod == rem:
-                    found += 1
+                    end.samples += 1
                     yield url, key, members
-        if found == 0 and self.train:
+        if end.samples == 0 and self.train:
             raise DataError(
                 f"{self.source.field}: reader {slot} of {slots} found no samples in its shards of "
                 f"{self.source.shards.pattern!r}; the shards are empty"
             )
 
     # -- one sample ------------------------------------------------------------------
-    def _label(self, members: dict[str, bytes]) -> int | str:
-        return parse_label(members.get("cls"), self.num_classes)
-
     def process(self, members: dict[str, bytes], draws: np.ndarray, *, full: bool):
-        """One sample -> ``(array, label)`` or the reason to skip it.
+        """One sample -> ``(array, label)``, ``(None, label)`` when ``full`` is False (only
+        the checks run: resuming skips such samples), or the reason to skip it.
 
         ``draws`` are the sample's three uniforms (crop x, crop y, flip or crop index).
-        With ``full`` False only the checks run (resuming skips such samples).
         """
-        label = self._label(members)
+        label = parse_label(members.get("cls"), self.num_classes)
         if isinstance(label, str):
             return label
-        if self.source.kind == "codes":
-            return self._codes(members, draws, full=full, label=label)
-        ext = next((e for e in IMAGE_EXTS if e in members), None)
-        if ext is None:
-            return "no image"
-        try:
-            img, size = transforms.open_image(
-                members[ext], short_side=transforms.short_side(self.resolution, self.crop_ratio)
-            )
-            if not full:
-                return None, label
-            pixels = transforms.crop(
-                img,
-                size,
-                resolution=self.resolution,
-                crop_ratio=self.crop_ratio,
-                u=(draws[0], draws[1]) if self.train else None,
-                flip=self.train and self.hflip and draws[2] < 0.5,
-            )
-        except transforms.DECODE_ERRORS:
-            return "unreadable image"
-        return pixels, label
-
-    def _codes(self, members, draws, *, full: bool, label: int):
-        layout = self.source.layout
-        data = members.get(layout.ext)
-        if data is None:
-            return f"no {layout.ext} codes"
-        codes = np.frombuffer(data, dtype=CODE_DTYPES[layout.ext])
-        crops = layout.crops or codes.size // layout.length
-        if crops < 1 or codes.size != crops * layout.length:
-            return "codes of the wrong size"
-        if not full:
-            return None, label
-        pick = min(int(draws[2] * crops), crops - 1) if self.train else 0
-        return codes[pick * layout.length : (pick + 1) * layout.length], label
+        data = self.source.format.read(members, draws, train=self.train, full=full)
+        if isinstance(data, str):
+            return data
+        return data, label
 
     # -- batches ---------------------------------------------------------------------
     def batches(self, epoch: int, slot: int, slots: int, *, skip: int, count: int | None) -> Iterator[dict]:
         """The slot's batches of an epoch: ``skip`` made silently, then ``count`` yielded.
 
         ``count`` None (evaluation) reads to the end and yields the last partial batch.
+
+        Raises:
+            DataError: in training, a pass over the slot's shards found bad samples and
+                fewer good ones than one batch (without this check such a set would be
+                read again and again, forever when nothing in it is readable).
         """
         rng = np.random.default_rng([self.seed, epoch, slot, _AUGMENT])
         made, items, labels = 0, [], []
         bad: Counter = Counter()
+        good, bad_in_pass = 0, Counter()
         if count == 0:
             return
-        for url, key, members in self.samples(epoch, slot, slots):
+        for sample in self.samples(epoch, slot, slots):
+            if isinstance(sample, _PassEnd):
+                if self.train and bad_in_pass and good < self.batch_size:
+                    raise DataError(self._too_few(sample, good, bad_in_pass, slot, slots))
+                good, bad_in_pass = 0, Counter()
+                continue
+            url, key, members = sample
             draws = rng.random(3)  # drawn for every sample, so skipping keeps the sequence
             full = made >= skip
             result = self.process(members, draws, full=full)
             if isinstance(result, str):
+                bad_in_pass[result] += 1
                 if full:
                     bad[result] += 1
                     _warn(result, key, url)
                 continue
+            good += 1
             items.append(result[0])
             labels.append(result[1])
             if len(labels) == self.batch_size:
@@ -331,19 +249,25 @@ class _Reader:
         if labels and count is None:
             yield self._collate(items, labels, bad)
 
+    def _too_few(self, end: _PassEnd, good: int, bad: Counter, slot: int, slots: int) -> str:
+        shards = sorted(set(end.urls))
+        shown = ", ".join(shards[:3]) + (f" ... ({len(shards)} shards)" if len(shards) > 3 else "")
+        reasons = ", ".join(f"{why}: {n}" for why, n in bad.most_common())
+        split = "" if slots == 1 else f" (reader {slot} of {slots}: {slots} ranks × workers share the set)"
+        return (
+            f"{self.source.field} {self.source.shards.pattern!r}: one pass over {shown}{split} found "
+            f"{good} readable samples of {end.samples}, fewer than one batch of {self.batch_size}; "
+            f"skipped {reasons}. Write the shards again from the images (`varkit shards` checks every "
+            "image and leaves out the bad ones), fix data.num_classes if the classes are out of range, "
+            "or lower the batch size"
+        )
+
     def _collate(self, items: list, labels: list[int], bad: Counter) -> dict:
-        out = {
-            "images": None,
-            "codes": None,
+        return {
+            **self.source.format.collate(items),
             "labels": torch.tensor(labels, dtype=torch.int64),
             "skipped": dict(bad),
         }
-        if self.source.kind == "codes":
-            out["codes"] = torch.from_numpy(np.stack(items).astype(np.int64))  # (b, l)
-        else:
-            # uint8 (b, R, R, 3): a quarter of the bytes a worker hands over (see Batch)
-            out["images"] = torch.from_numpy(np.stack(items))
-        return out
 
 
 _warned = Counter()
@@ -510,7 +434,7 @@ class TrainStream:
             self.epoch, self.batch = self.epoch + 1, 0
 
     def state_dict(self) -> dict:
-        """Where the stream is; :meth:`load_state_dict` of it continues from there exactly."""
+        """Where the stream is; `load_state_dict` of it continues from there exactly."""
         r = self._reader
         return {
             "epoch": self.epoch,
@@ -523,7 +447,7 @@ class TrainStream:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from a :meth:`state_dict`; the next batch is the one after those consumed.
+        """Continue from a `state_dict`; the next batch is the one after those consumed.
 
         The continuation is exact when seed, world size, batch size and workers are the
         same as when the state was saved; otherwise a warning says so and the stream
@@ -559,7 +483,7 @@ def build_train_stream(
     seed: int,
     rank: int = 0,
     world_size: int = 1,
-    tokenizer=None,
+    tokenizer: Tokenizer | None = None,
 ) -> TrainStream:
     """The endless training stream of one rank.
 
@@ -605,9 +529,6 @@ def build_train_stream(
 def _reader(config: DataConfig, source: Source, **kwargs) -> _Reader:
     return _Reader(
         source=source,
-        resolution=config.resolution,
-        crop_ratio=config.crop_ratio,
-        hflip=config.hflip,
         num_classes=config.classes,
         shuffle_buffer=config.shuffle_buffer,
         resampled=config.resampled,

@@ -3,7 +3,7 @@
 Each image is one saturated shape on a dull, low-saturation background with a soft
 gradient; the shape's position, size and the background vary at random. Class ``k``
 always has the colour of hue ``HUES[k]`` and the shape ``SHAPES[k]``, so a generated
-image follows its class when both are right, which :func:`classify` checks without
+image follows its class when both are right, which `classify` checks without
 any trained network.
 
 The images are generated deterministically (one seeded generator per image) and
@@ -32,6 +32,7 @@ from varkit.data import transforms
 from varkit.data.config import DataConfig, SyntheticConfig
 from varkit.data.folder import CLASSES_NAME
 from varkit.data.shards import INDEX_NAME, ShardSink, write_json_atomic
+from varkit.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ TRAIN_SHARDS = 8
 VAL_SHARDS = 2
 #: Shapes are drawn this many times larger, then box-reduced: smooth, deterministic edges.
 SUPERSAMPLE = 4
-#: Background saturation stays below this; :func:`classify` reads pixels above
+#: Background saturation stays below this; `classify` reads pixels above
 #: ``FOREGROUND_SATURATION`` as the shape.
 BACKGROUND_SATURATION = 0.12
 FOREGROUND_SATURATION = 0.4
@@ -212,6 +213,13 @@ def ensure_synthetic(config: DataConfig) -> dict[str, str]:
     root = cache_root(config) / "synthetic"
     final = root / _entry_name(synthetic, size, margin)
     if not (final / INDEX_NAME).is_file():
+        if config.cache_dir and "cache_dir" in config.untrusted:
+            raise DataError(
+                f"data.cache_dir of the recipe stored with this checkpoint would have varkit write the "
+                f"synthetic dataset into {final}; a stored recipe does not choose where files are written. "
+                f"Pass the directory on the command line (e.g. `varkit eval RUN data.cache_dir=DIR`), or "
+                "data.cache_dir=null for the default cache ($VARKIT_CACHE, else ~/.cache/varkit)"
+            )
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
         log.info(

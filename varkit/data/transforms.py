@@ -2,8 +2,8 @@
 
 VAR resizes the shorter side to ``crop_ratio × resolution`` with Lanczos, then crops a
 ``resolution``-square (random for training, centred for evaluation) and maps pixels
-to [-1, 1]. :func:`decode_crop` gives the same pixels (to within one grey level)
-with less work than the plain sequence in :func:`plain_crop`:
+to [-1, 1]. `decode_crop` gives the same pixels (to within one grey level)
+with less work than the plain sequence in `plain_crop`:
 
 - JPEG draft decoding (``Image.draft``) lets libjpeg decode at 1/2, 1/4 or 1/8 scale,
   but only while the decoded image stays ``DRAFT_GAP`` times larger than the resized
@@ -11,7 +11,7 @@ with less work than the plain sequence in :func:`plain_crop`:
 - The crop is resized alone (``Image.resize(box=...)``) instead of resizing the whole
   image and throwing most of it away; Lanczos reads the same source pixels either way.
 - Pixels go once from PIL's buffer into the batch array; the float conversion happens
-  once per batch (:func:`to_model_range`).
+  once per batch (`to_model_range`).
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def crop(
     u: tuple[float, float] | None = None,
     flip: bool = False,
 ) -> np.ndarray:
-    """One crop ``(resolution, resolution, 3)`` uint8 of an image from :func:`open_image`.
+    """One crop ``(resolution, resolution, 3)`` uint8 of an image from `open_image`.
 
     The geometry follows the original size, so a draft-decoded image gives the same
     crop as a fully decoded one.

@@ -7,9 +7,9 @@ converted here). They are read with ``torch.load(weights_only=True)`` only; size
 read off the state dicts.
 
 The transformer state dicts hold the transformer's parameters under the official module
-names plus three non-learned buffers. :func:`official_model_config` reads the
-architecture off the tensors' shapes and :func:`convert_official_var` renames every
-parameter to :class:`~varkit.model.ARModel`'s names for the ``scale`` unit (which owns
+names plus three non-learned buffers. `official_model_config` reads the
+architecture off the tensors' shapes and `convert_official_var` renames every
+parameter to `ARModel`'s names for the ``scale`` unit (which owns
 ``unit.pos_start``, ``unit.pos_embed`` and ``unit.level_embed``):
 
 | official key | varkit key |
@@ -34,7 +34,7 @@ The buffers are checked, then dropped, because varkit derives them: ``lvl_1L`` (
 scale of every position; the unit's schedule gives it) must count up from 0 through
 the scales, ``attn_bias_for_masking`` must be the additive block-causal mask of those
 scales (0 where a key's scale is <= the query's, -inf elsewhere; the attention
-backend gets a :class:`~varkit.masks.BlockCausal` instead), and each
+backend gets a `BlockCausal` instead), and each
 ``blocks.i.attn.zero_k_bias`` must be zero (varkit's keys have no bias). Value checks
 are skipped for tensors on the meta device.
 """
@@ -85,7 +85,7 @@ def _require(state: dict[str, torch.Tensor], *keys: str) -> None:
 
 
 def official_sizes(state: dict[str, torch.Tensor]) -> dict[str, int]:
-    """Sizes read off an official state dict besides the :class:`ModelConfig`.
+    """Sizes read off an official state dict besides the `ModelConfig`.
 
     Returns:
         ``vocab_size`` (head outputs), ``code_dim`` (``word_embed`` inputs), ``seq_len``
@@ -102,7 +102,7 @@ def official_sizes(state: dict[str, torch.Tensor]) -> dict[str, int]:
 
 
 def official_model_config(state: dict[str, torch.Tensor]) -> ModelConfig:
-    """The :class:`ModelConfig` of an official VAR checkpoint, read off its shapes.
+    """The `ModelConfig` of an official VAR checkpoint, read off its shapes.
 
     Depth is the number of ``blocks.i``; width, classes, heads (from the per-head
     ``scale_mul``), MLP ratio and shared AdaLN come from the tensors. The options that
@@ -224,14 +224,14 @@ def _check_buffers(state: dict[str, torch.Tensor], depth: int) -> list[str]:
 
 
 def convert_official_var(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """An official VAR transformer state dict renamed to :class:`~varkit.model.ARModel`'s keys.
+    """An official VAR transformer state dict renamed to `ARModel`'s keys.
 
     Every official key must be present with the shape that the architecture read off
     the state dict implies, and every key is consumed: the parameters are renamed (two
     reshaped), the buffers ``lvl_1L``, ``attn_bias_for_masking`` and
     ``blocks.i.attn.zero_k_bias`` are checked and dropped (see the module docs). The
     result loads with ``load_state_dict(strict=True)`` into the ARModel built from
-    :func:`official_model_config` with the ``scale`` unit and a tokenizer of the
+    `official_model_config` with the ``scale`` unit and a tokenizer of the
     release's schedule, vocabulary and code dimension.
 
     Raises:

@@ -58,7 +58,7 @@ class KVCache:
         """Write block ``layer``'s new keys and values ``(b, nh, n, hd)`` after ``length``.
 
         Returns the keys and values of every position so far, ``(b, nh, length + n, hd)``
-        (views into the cache). Call :meth:`advance` once all blocks have written.
+        (views into the cache). Call `advance` once all blocks have written.
         """
         end = self.length + k.shape[2]
         if end > self.max_len:

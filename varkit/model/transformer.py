@@ -263,7 +263,7 @@ class ARModel(nn.Module):
         code_dim: channels ``c`` of the unit's input features.
 
     Parameters are built on the meta device and initialised once, explicitly, on the
-    current default device (:meth:`reset_parameters`), so large depths build quickly and
+    current default device (`reset_parameters`), so large depths build quickly and
     ``with torch.device("meta"): ARModel(...)`` allocates nothing.
     """
 
@@ -445,7 +445,7 @@ class ARModel(nn.Module):
                 input is the class embedding plus ``pos_start``.
             labels: class indices ``(b,)`` (no dropout here: pass ``num_classes`` for
                 the unconditional half of guidance).
-            cache: from :meth:`new_cache`; step 0 needs it empty and stores in it the
+            cache: from `new_cache`; step 0 needs it empty and stores in it the
                 AdaLN modulation of ``labels`` and the position embedding and rotary
                 angles, reused by the later steps.
             step: which step, ``0 <= step < len(unit.step_lengths)``, in order.

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-import yaml
 
 from varkit import recipe as recipe_mod
 from varkit.checkpoint import RECIPE, latest_checkpoint, os_error_message, write_text_atomic
@@ -124,7 +123,7 @@ def stored_recipe(out: Path) -> tuple[dict[str, Any], Path] | None:
         step_dir = latest_checkpoint(sub / "checkpoints")
         if step_dir is not None:
             file = step_dir / RECIPE
-            return yaml.safe_load(file.read_text()) or {}, file
+            return recipe_mod.read_stored(file), file
     return None
 
 

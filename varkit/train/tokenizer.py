@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from varkit.build import build_tokenizer
+from varkit.data import data_source
 from varkit.errors import RecipeError
 from varkit.images import save_grid
 from varkit.train import distributed as D
@@ -46,10 +47,11 @@ class TokenizerStage(Stage):
     guarded = ("loss", "disc_loss")
 
     def __init__(self, recipe, env: D.DistEnv, out_dir: Path):
-        if recipe.data.source == "codes":
+        if data_source(recipe.data.source).yields != "images":
             raise RecipeError(
-                "tokenizer_train is enabled but data.source is 'codes': training a tokenizer needs "
-                "images; use data.source synthetic or shards, or set tokenizer.weights"
+                f"tokenizer_train is enabled but data.source {recipe.data.source!r} yields codes, not "
+                "images: training a tokenizer needs images; use an image source (e.g. synthetic or "
+                "shards), or set tokenizer.weights"
             )
         self.recipe, self.env = recipe, env
         self.config = cfg = recipe.tokenizer_train
