@@ -25,7 +25,7 @@ from varkit.checkpoint import (
     load_weights,
 )
 from varkit.errors import TrainingError
-from varkit.evaluate import class_following
+from varkit.evaluate import TrainingFID, class_following
 from varkit.generation import generate_images
 from varkit.images import save_grid
 from varkit.model.loss import StepGroups, ar_loss
@@ -93,6 +93,12 @@ class ARTrainer:
         self.scaler = self.precision.scaler()
         if trainer_state is not None and self.step < self.total:
             self._resume_state(trainer_state)
+        # Loaded before the first step, so that missing Inception weights stop the run at once.
+        self.fid = (
+            TrainingFID(recipe.data, self.out_dir / "eval", num=cfg.eval_num, device=device, seed=recipe.seed)
+            if cfg.eval_every and env.main
+            else None
+        )
 
     # ---------------------------------------------------------------- resume
     def _resume_weights(self) -> dict[str, Any] | None:
@@ -196,6 +202,8 @@ class ARTrainer:
                     clock.saved()
                 if cfg.sample_every and self.step % cfg.sample_every == 0 and self.step < self.total:
                     self._sample(f"step-{self.step:07d}.png", metrics)
+                if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == self.total):
+                    self._eval_fid(metrics)
                 t_window += time.perf_counter() - t_pause  # throughput counts training time only
             guard.check(env, stage="AR", last_good=last_good)
             final = self._save() if last_saved != self.step else Path(last_good)
@@ -314,6 +322,28 @@ class ARTrainer:
             model.load_state_dict({k: v.to(env.device) for k, v in state.items()})
             return model
         return self.model if env.main else None
+
+    @torch.no_grad()
+    def _eval_fid(self, metrics: MetricsLog) -> None:
+        """FID and IS of ``eval_num`` samples of the (EMA) model against the validation images."""
+        model = self._sampling_model()
+        if model is not None:
+            num_classes = min(self.model.config.num_classes, self.recipe.data.classes)
+            dtype = self.precision.dtype if self.env.device.type == "cuda" else None
+            use_ema = self.ema is not None and model is self.model
+            with self.ema.applied() if use_ema else contextlib.nullcontext():
+                record = self.fid(
+                    model, self.tokenizer, build_sampler(self.recipe), num_classes=num_classes, dtype=dtype
+                )
+            metrics.write({"stage": "ar", "step": self.step, **record})
+            log.info(
+                "step %d: FID %.3f, IS %.3f (%d samples)",
+                self.step,
+                record["fid"],
+                record["inception_score"],
+                record["fid_images"],
+            )
+        D.barrier(self.env)
 
     @torch.no_grad()
     def _sample(self, name: str, metrics: MetricsLog, *, final: bool = False) -> None:
