@@ -3,7 +3,7 @@
 The images of a sample set are numbered ``n = 0 .. N-1`` in class-major order (image
 ``n`` has class ``classes[n // per_class]``) and cut into chunks of ``batch_size``
 images, each generated as one batch. Every image is drawn with its own
-``torch.Generator``, seeded by :func:`image_seed` from ``(seed, n)``; together with the
+``torch.Generator``, seeded by ``image_seed`` from ``(seed, n)``; together with the
 fixed chunks this makes the pixels independent of how many processes share the work.
 Under ``torchrun`` the chunks still missing are dealt round-robin to the ranks.
 
@@ -137,7 +137,7 @@ class SamplePlan:
     Attributes:
         classes: the classes, in order; image ``n`` has class ``classes[n // per_class]``.
         per_class: images of each class.
-        seed: the base seed; image ``n`` is drawn with :func:`image_seed` ``(seed, n)``.
+        seed: the base seed; image ``n`` is drawn with ``image_seed`` ``(seed, n)``.
         batch_size: images per chunk, each chunk generated as one batch.
     """
 
@@ -272,9 +272,9 @@ def generate_chunk(
     Args:
         model: the AR model; ``labels`` live on its device.
         tokenizer: its tokenizer.
-        sampler: the sampler (wrapped in :class:`PerImageDraws`).
+        sampler: the sampler (wrapped in ``PerImageDraws``).
         labels: class indices ``(b,)``.
-        seeds: one seed per label (:func:`image_seed`).
+        seeds: one seed per label (``image_seed``).
         dtype: autocast dtype of the transformer (None: its own dtype).
 
     Returns:
@@ -595,7 +595,7 @@ def sample_to_dir(
         source: where the weights came from, recorded in ``protocol.json``.
         png: also write every image as ``images/CCCC_III.png``.
         grid: also write ``grid.png``: a row per class, at most
-            :data:`GRID_MAX_CLASSES` × :data:`GRID_MAX_PER_CLASS` images.
+            ``GRID_MAX_CLASSES`` × ``GRID_MAX_PER_CLASS`` images.
 
     Returns:
         The path of ``samples.npz``.

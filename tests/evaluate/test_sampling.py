@@ -18,13 +18,12 @@ import torch
 from eval_helpers import subprocess_env
 from PIL import Image
 
+from varkit.cli import main
 from varkit.errors import EvaluationError
 from varkit.loading import load_checkpoint
 from varkit.pipeline import Pipeline
 from varkit.sampling import (
     CHUNK_DIR,
-    GRID_MAX_CLASSES,
-    GRID_MAX_PER_CLASS,
     SamplePlan,
     format_classes,
     generate_chunk,
@@ -131,12 +130,13 @@ def test_sample_set_layout_protocol_grid_and_pngs(pipe, tmp_path):
     assert target.stat().st_mtime_ns == mtime
 
 
-def test_grid_is_capped(pipe, tmp_path):
-    plan = SamplePlan.make(range(4), per_class=GRID_MAX_PER_CLASS + 2, batch_size=16)
+def test_grid_is_capped(pipe, tmp_path, monkeypatch):
+    monkeypatch.setattr("varkit.sampling.GRID_MAX_CLASSES", 2)
+    monkeypatch.setattr("varkit.sampling.GRID_MAX_PER_CLASS", 2)
+    plan = SamplePlan.make(range(3), per_class=3, batch_size=9)
     out = tmp_path / "g"
     sample_to_dir(pipe.model, pipe.tokenizer, pipe.sampler, out, plan, grid=True)
-    rows, cols = min(4, GRID_MAX_CLASSES), GRID_MAX_PER_CLASS
-    assert np.asarray(Image.open(out / "grid.png")).shape == (rows * 18 + 2, cols * 18 + 2, 3)
+    assert np.asarray(Image.open(out / "grid.png")).shape == (2 * 18 + 2, 2 * 18 + 2, 3)
 
 
 def test_another_protocol_in_the_folder_is_refused(pipe, tmp_path):
@@ -210,6 +210,9 @@ def test_assembly_holds_one_chunk_at_a_time(tmp_path):
 
 # ------------------------------------------------------------------------ processes
 
+#: 40 images in 20 chunks of 2: two ranks take 10 chunks each.
+ARGS = ("--classes", "0-3", "--per-class", "10", "--batch-size", "2", "--seed", "11", "--device", "cpu")
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -217,35 +220,34 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _sample_command(run, out, *extra):
-    return [
-        sys.executable,
-        "-m",
-        "varkit",
-        "sample",
-        str(run),
-        "--out",
-        str(out),
-        "--device",
-        "cpu",
-        "--classes",
-        "0-3",
-        *extra,
-    ]
+def _command(run, out):
+    return [sys.executable, "-m", "varkit", "sample", str(run), "--out", str(out), *ARGS]
 
 
-def test_one_and_two_ranks_write_the_same_bytes(tiny_run, tmp_path):
-    args = ("--per-class", "5", "--batch-size", "3", "--seed", "11")  # 7 chunks: ranks take 4 and 3
-    one = tmp_path / "one"
-    subprocess.run(
-        _sample_command(tiny_run, one, *args), env=subprocess_env(), check=True, capture_output=True
-    )
+def _sample_here(run, out) -> None:
+    """``varkit sample`` in this process, on one thread like the subprocesses."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["sample", str(run), "--out", str(out), *ARGS]) == 0
+    finally:
+        torch.set_num_threads(threads)
 
+
+@pytest.fixture(scope="module")
+def one_process(tiny_run, tmp_path_factory) -> bytes:
+    """The bytes of samples.npz drawn by one process."""
+    out = tmp_path_factory.mktemp("one") / "s"
+    _sample_here(tiny_run, out)
+    return (out / "samples.npz").read_bytes()
+
+
+def test_one_and_two_ranks_write_the_same_bytes(tiny_run, one_process, tmp_path):
     two = tmp_path / "two"
     port = str(_free_port())
     procs = [
         subprocess.Popen(
-            _sample_command(tiny_run, two, *args),
+            _command(tiny_run, two),
             env=subprocess_env(
                 RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port
             ),
@@ -255,39 +257,31 @@ def test_one_and_two_ranks_write_the_same_bytes(tiny_run, tmp_path):
         for r in range(2)
     ]
     for p in procs:
-        _out, err = p.communicate(timeout=120)
+        _out, err = p.communicate(timeout=300)
         assert p.returncode == 0, err.decode()
-    assert (one / "samples.npz").read_bytes() == (two / "samples.npz").read_bytes()
+    assert (two / "samples.npz").read_bytes() == one_process
     assert json.loads((two / "protocol.json").read_text())["environment"]["world_size"] == 2
 
 
-def test_a_killed_run_resumes_to_the_same_file(tiny_run, tmp_path):
-    args = ("--per-class", "40", "--batch-size", "2", "--seed", "3")  # 80 chunks
-    whole = tmp_path / "whole"
-    subprocess.run(
-        _sample_command(tiny_run, whole, *args), env=subprocess_env(), check=True, capture_output=True
-    )
-
+def test_a_killed_run_resumes_to_the_same_file(tiny_run, one_process, tmp_path, monkeypatch):
     out = tmp_path / "killed"
     proc = subprocess.Popen(
-        _sample_command(tiny_run, out, *args),
-        env=subprocess_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        _command(tiny_run, out), env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
-    deadline = time.monotonic() + 120
-    while len(list((out / CHUNK_DIR).glob("chunk-*.npy"))) < 3 and proc.poll() is None:
+    deadline = time.monotonic() + 300
+    while len(list((out / CHUNK_DIR).glob("chunk-*.npy"))) < 2 and proc.poll() is None:
         assert time.monotonic() < deadline
-        time.sleep(0.01)
+        time.sleep(0.005)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     done = len(list((out / CHUNK_DIR).glob("chunk-*.npy")))
-    assert proc.returncode == -signal.SIGKILL and 3 <= done < 80, done
+    assert proc.returncode == -signal.SIGKILL and 2 <= done < 20, done
     assert not (out / "samples.npz").exists()
 
-    resumed = subprocess.run(
-        _sample_command(tiny_run, out, *args), env=subprocess_env(), capture_output=True, text=True
+    drawn = []
+    monkeypatch.setattr(
+        "varkit.sampling.generate_chunk", lambda *a, **k: drawn.append(1) or generate_chunk(*a, **k)
     )
-    assert resumed.returncode == 0, resumed.stderr
-    assert f"{80 - done} of 80 chunks to draw" in resumed.stderr
-    assert (out / "samples.npz").read_bytes() == (whole / "samples.npz").read_bytes()
+    _sample_here(tiny_run, out)
+    assert len(drawn) == 20 - done  # the chunks on disk were kept
+    assert (out / "samples.npz").read_bytes() == one_process

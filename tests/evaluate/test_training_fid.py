@@ -26,14 +26,17 @@ def test_fid_is_logged_during_training(tmp_path, monkeypatch, inception_weights)
     data = tiny_recipe_dict(
         out,
         train={"steps": 2, "eval_every": 2, "eval_num": 4, "tensorboard": True},
-        data={"cache_dir": str(tmp_path / "cache")},
+        data={
+            "cache_dir": str(tmp_path / "cache"),
+            "synthetic": {"num_classes": 4, "images_per_class": 8, "val_images_per_class": 1},
+        },
     )
     run(recipe_mod.from_dict(data))
     records = [r for r in read_metrics(out / "metrics.jsonl") if "fid" in r]
     assert len(records) == 1 and records[0]["step"] == 2 and records[0]["fid_images"] == 4
     assert np.isfinite(records[0]["fid"]) and records[0]["fid"] > 0 and records[0]["inception_score"] >= 1
     with np.load(out / "eval" / CACHE_FILE) as cached:
-        assert cached["pool"].shape == (8, 2048)  # 4 classes × 2 validation images
+        assert cached["pool"].shape == (4, 2048)  # 4 classes × 1 validation image
     events = event_accumulator.EventAccumulator(str(out / "tensorboard"))
     events.Reload()
     assert [e.value for e in events.Scalars("ar/fid")] == pytest.approx([records[0]["fid"]])

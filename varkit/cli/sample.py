@@ -1,7 +1,7 @@
 """``varkit sample``: a sample set of a run or checkpoint on disk, as FID evaluators read it.
 
 Under ``torchrun`` every process draws its share of the chunks; a killed run started
-again with the same arguments resumes. See :mod:`varkit.sampling` for the layout.
+again with the same arguments resumes. See ``varkit.sampling`` for the layout.
 """
 
 from __future__ import annotations

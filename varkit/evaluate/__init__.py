@@ -1,14 +1,14 @@
 """Evaluation: how good a trained model is.
 
-- :mod:`varkit.evaluate.teacher_forced`: ``varkit eval``'s validation loss, perplexity,
+- ``varkit.evaluate.teacher_forced``: ``varkit eval``'s validation loss, perplexity,
   accuracy per step group, reconstruction error and codebook usage.
-- :mod:`varkit.evaluate.class_following`: whether generated images show the class they
+- ``varkit.evaluate.class_following``: whether generated images show the class they
   were asked for, where the data source has a classifier (the synthetic set does).
-- :mod:`varkit.evaluate.fid`: FID, sFID, IS and precision/recall of a sample set against
-  a reference (``varkit metrics``), on :mod:`~varkit.evaluate.inception` (torch-fidelity's
-  TensorFlow-compatible Inception), :mod:`~varkit.evaluate.image_sets` (``.npz``, image
-  folders, shards) and :mod:`~varkit.evaluate.scores` (the float64 arithmetic).
-- :mod:`varkit.evaluate.during_training`: FID of a few thousand samples while training
+- ``varkit.evaluate.fid``: FID, sFID, IS and precision/recall of a sample set against
+  a reference (``varkit metrics``), on ``varkit.evaluate.inception`` (torch-fidelity's
+  TensorFlow-compatible Inception), ``varkit.evaluate.image_sets`` (``.npz``, image
+  folders, shards) and ``varkit.evaluate.scores`` (the float64 arithmetic).
+- ``varkit.evaluate.during_training``: FID of a few thousand samples while training
   (``train.eval_every``).
 """
 

@@ -1,8 +1,8 @@
 """FID, sFID, Inception Score and precision/recall of a sample set against a reference,
 and the report ``varkit metrics`` writes (``metrics.json``).
 
-The network is :class:`~varkit.evaluate.inception.Inception` (torch-fidelity's
-TensorFlow-compatible Inception), the arithmetic :mod:`varkit.evaluate.scores`
+The network is ``varkit.evaluate.inception.Inception`` (torch-fidelity's
+TensorFlow-compatible Inception), the arithmetic ``varkit.evaluate.scores``
 (float64). A reference that carries FID statistics (ADM's reference batches) is
 compared through those statistics as they are; its images, when present, still serve
 precision and recall.
@@ -218,7 +218,7 @@ def evaluate_samples(
     sfid: bool = False,
     pr: bool = True,
 ) -> dict[str, Any]:
-    """:func:`score` with everything a reader needs to trust the numbers: the report.
+    """``score`` with everything a reader needs to trust the numbers: the report.
 
     Returns:
         ``metrics``, ``samples`` and ``reference`` (paths, counts, pixel digests),

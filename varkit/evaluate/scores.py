@@ -117,7 +117,7 @@ def frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
 
 
 def frechet_distance_of_features(x: np.ndarray, y: np.ndarray) -> float:
-    """:func:`frechet_distance` of the statistics of features ``(n, d)`` and ``(m, d)``.
+    """``frechet_distance`` of the statistics of features ``(n, d)`` and ``(m, d)``.
 
     With ``n + m - 2 < d`` both covariances live in the span of the centred features,
     and the distance is computed there (an ``(n + m)``-sized problem instead of a

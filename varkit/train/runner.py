@@ -54,6 +54,8 @@ ALLOWED_CHANGES = (
             "sample_every",
             "sample_classes",
             "sample_per_class",
+            "eval_every",
+            "eval_num",
             "tensorboard",
             "compile",
         )
