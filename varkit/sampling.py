@@ -388,6 +388,15 @@ def _differences(old: Any, new: Any, path: str = "") -> list[str]:
     return [] if old == new else [f"{path}: {old!r} on disk, {new!r} now"]
 
 
+def _comparable(protocol: Any) -> Any:
+    """What must match to resume: everything but where the checkpoint lies (its digests
+    say whether it is the same)."""
+    if not isinstance(protocol, dict) or not isinstance(protocol.get("checkpoint"), dict):
+        return protocol
+    checkpoint = {k: v for k, v in protocol["checkpoint"].items() if k != "path"}
+    return {**protocol, "checkpoint": checkpoint}
+
+
 def _check_resume(out: Path, protocol: dict[str, Any]) -> dict[str, Any] | None:
     """The record on disk when it describes the same samples; raise when it does not."""
     if out.exists() and not out.is_dir():
@@ -402,7 +411,7 @@ def _check_resume(out: Path, protocol: dict[str, Any]) -> dict[str, Any] | None:
                 "sample into a new --out, or move that file away"
             )
         return None
-    diff = _differences(record.get("protocol"), protocol)
+    diff = _differences(_comparable(record.get("protocol")), _comparable(protocol))
     if diff:
         raise EvaluationError(
             f"{out} holds samples of another protocol ({'; '.join(diff[:6])}); run again with the same "

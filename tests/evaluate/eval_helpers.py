@@ -57,9 +57,9 @@ def tiny_recipe_dict(out_dir: Path, **sections: dict[str, Any]) -> dict[str, Any
     return data
 
 
-def tiny_checkpoint(root: Path, *, seed: int = 0) -> Path:
+def tiny_checkpoint(root: Path, *, seed: int = 0, **sections: dict[str, Any]) -> Path:
     """A run directory with one checkpoint of random weights (no training)."""
-    data = tiny_recipe_dict(root)
+    data = tiny_recipe_dict(root, **sections)
     recipe = recipe_mod.from_dict(data)
     torch.manual_seed(seed)
     tokenizer = build_tokenizer(recipe)

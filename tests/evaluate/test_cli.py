@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from eval_helpers import tiny_checkpoint
 
 from varkit.cli import main
 
@@ -107,7 +108,7 @@ def test_sampler_options_reach_the_sampler_and_the_protocol(tiny_run, tmp_path, 
 def test_eval_out_that_is_a_directory_exits_2_and_leaves_nothing(tiny_run, tmp_path, capsys):
     code, _out, err = run_cli(capsys, "eval", tiny_run, "--out", tmp_path)
     assert code == 2 and f"--out {tmp_path} is a directory" in err and "Traceback" not in err
-    assert list(tmp_path.iterdir()) == [] or not list(tmp_path.glob(".tmp-*"))
+    assert list(tmp_path.iterdir()) == []  # no report, no temporary file
     code, _out, err = run_cli(capsys, "eval", tiny_run, "--ref", "x.npz")
     assert code == 2 and "--ref only apply with --fid" in err
 
@@ -131,3 +132,17 @@ def test_eval_fid_checks_its_arguments_before_sampling(tiny_run, tmp_path, capsy
     assert not (tmp_path / "s").exists()
     code, _out, err = run_cli(capsys, "eval", tmp_path / "norun", "--fid", "--num", "4", "--ref", "val")
     assert code == 2 and "no checkpoint found" in err
+
+
+def test_eval_ref_val_never_runs_a_command_from_the_stored_recipe(tmp_path, capsys):
+    run = tiny_checkpoint(
+        tmp_path / "run",
+        data={
+            "source": "shards",
+            "train_shards": "x.tar",
+            "val_shards": f"pipe:touch {tmp_path / 'ran'}; cat a.tar",
+        },
+    )
+    code, _out, err = run_cli(capsys, "eval", run, "--fid", "--num", "4", "--ref", "val", "--device", "cpu")
+    assert code == 2 and "which varkit does not run from a stored recipe" in err
+    assert not (tmp_path / "ran").exists() and not (run / "eval").exists()

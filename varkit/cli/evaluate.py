@@ -15,7 +15,7 @@ from varkit.checkpoint import latest_checkpoint
 from varkit.cli.common import device_or_default
 from varkit.cli.metrics import add_metric_arguments, check_metric_arguments, open_reference, score_and_report
 from varkit.cli.sample import add_sampling_arguments, check_out_dir, check_sampling_arguments, draw
-from varkit.data import build_eval_loader
+from varkit.data import DataConfig, build_eval_loader
 from varkit.errors import CheckpointError, EvaluationError
 from varkit.evaluate import evaluate, write_report
 from varkit.evaluate.fid import METRICS_FILE, check_report_path, write_json
@@ -103,10 +103,10 @@ def default_samples_dir(args: argparse.Namespace) -> Path:
     return base / "eval" / f"{step_dir.name}-fid{count}-{digest}"
 
 
-def _validation_set(args: argparse.Namespace) -> ImageSet:
-    """The run's validation images, as ``varkit eval`` reads them (centre crops at the
-    training resolution). A stored recipe is someone else's file: it may not run commands
-    or choose where the synthetic set is written."""
+def _validation_data(args: argparse.Namespace) -> DataConfig:
+    """The data section of the run's stored recipe, made safe to read. A stored recipe is
+    someone else's file: it may not run commands or choose where the synthetic set is
+    written."""
     step_dir = latest_checkpoint(Path(args.checkpoint))
     if step_dir is None:
         raise CheckpointError(f"no checkpoint found at {args.checkpoint}")
@@ -116,7 +116,13 @@ def _validation_set(args: argparse.Namespace) -> ImageSet:
             f"--ref val: the run's data.val_shards is a command ({data.val_shards!r}), which varkit does not "
             "run from a stored recipe; if you trust it, pass it yourself as --ref"
         )
-    data = attrs.evolve(data, cache_dir=None)
+    return attrs.evolve(data, cache_dir=None)
+
+
+def _validation_set(args: argparse.Namespace) -> ImageSet:
+    """The run's validation images, as ``varkit eval`` reads them (centre crops at the
+    training resolution)."""
+    data = _validation_data(args)
     loader = build_eval_loader(data, batch_size=args.batch_size)
     what = data.val_shards or "the synthetic val split"
     return LoaderSet(
@@ -144,8 +150,11 @@ def _eval_fid(args: argparse.Namespace, out: Path | None) -> int:
     samples_dir = Path(args.samples_dir) if args.samples_dir else default_samples_dir(args)
     check_out_dir(samples_dir, "--samples-dir")
     report_path = check_report_path(samples_dir / METRICS_FILE, "--samples-dir")
-    if args.ref != REF_VAL and not args.center_crop:
-        open_image_set(args.ref, limit=args.ref_num)  # a bad reference fails before hours of sampling
+    # a bad reference fails before hours of sampling
+    if args.ref == REF_VAL:
+        _validation_data(args)
+    elif not args.center_crop:
+        open_image_set(args.ref, limit=args.ref_num)
 
     target, env = draw(args, samples_dir)
     if not env.main:
