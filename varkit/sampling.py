@@ -460,12 +460,15 @@ def png_name(label: int, i: int, per_class: int) -> str:
     return f"{label:04d}_{i:0{width}d}.png"
 
 
+def _png_of(plan: SamplePlan, n: int) -> str:
+    return png_name(plan.classes[n // plan.per_class], n % plan.per_class, plan.per_class)
+
+
 def _write_pngs(out: Path, plan: SamplePlan, indices: range, pixels: np.ndarray) -> None:
     folder = out / "images"
     folder.mkdir(exist_ok=True)
     for n, img in zip(indices, pixels):
-        name = png_name(plan.classes[n // plan.per_class], n % plan.per_class, plan.per_class)
-        _save_atomic(folder / name, lambda f, img=img: Image.fromarray(img).save(f, format="PNG"))
+        _save_atomic(folder / _png_of(plan, n), lambda f, img=img: Image.fromarray(img).save(f, format="PNG"))
 
 
 # ------------------------------------------------------------------------ samples.npz
@@ -674,6 +677,11 @@ def sample_to_dir(
         return target
 
     chunks = [chunk_path(out, c) for c in range(plan.num_chunks)]
+    if png:  # chunks drawn by an earlier run without --png
+        for c, path in enumerate(chunks):
+            indices = plan.chunk(c)
+            if not all((out / "images" / _png_of(plan, n)).is_file() for n in indices):
+                _write_pngs(out, plan, indices, np.load(path))
     shape = write_samples_npz(target, chunks, plan.labels(range(plan.num)))
     if grid:
         pixels, cols = _grid_pixels(out, plan)

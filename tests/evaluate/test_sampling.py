@@ -181,9 +181,10 @@ def test_resume_draws_only_the_missing_chunks(pipe, tmp_path, monkeypatch):
     monkeypatch.setattr(
         "varkit.sampling.generate_chunk", lambda *a, **k: drawn.append(len(a[3])) or generate_chunk(*a, **k)
     )
-    target = sample_to_dir(pipe.model, pipe.tokenizer, pipe.sampler, out, plan)
+    target = sample_to_dir(pipe.model, pipe.tokenizer, pipe.sampler, out, plan, png=True)
     assert drawn == [5, 2]  # chunk 0 was on disk
     assert target.read_bytes() == expected
+    assert len(list((out / "images").glob("*.png"))) == 12  # chunk 0's too, drawn before --png
 
 
 def test_assembly_holds_one_chunk_at_a_time(tmp_path):
