@@ -18,7 +18,7 @@ def test_eval_fid_of_the_quickstart(quickstart_run, inception_weights, tmp_path,
     before = sorted(p.relative_to(quickstart_run) for p in quickstart_run.rglob("*"))
     samples = tmp_path / "fid"
     argv = [
-        "eval", str(quickstart_run), "--fid", "--num", "20", "--ref", "val", "--ref-num", "20",
+        "eval", str(quickstart_run), "--fid", "--num", "40", "--ref", "val", "--ref-num", "40",
         "--inception-weights", str(inception_weights), "--samples-dir", str(samples), "--device", "cpu",
         "--out", str(tmp_path / "report.json"),
     ]  # fmt: skip
@@ -31,12 +31,12 @@ def test_eval_fid_of_the_quickstart(quickstart_run, inception_weights, tmp_path,
     metrics = report["metrics"]
     assert metrics["fid"] > 0 and metrics["inception_score"] >= 1
     assert 0 <= metrics["precision"] <= 1 and 0 <= metrics["recall"] <= 1
-    assert report["samples"]["images"] == 20 and report["samples"]["resolution"] == [32, 32]
-    assert report["reference"]["kind"] == "loader" and report["reference"]["images"] == 20
+    assert report["samples"]["images"] == 40 and report["samples"]["resolution"] == [32, 32]
+    assert report["reference"]["kind"] == "loader" and report["reference"]["images"] == 40
     assert "synthetic val split" in report["reference"]["path"] and report["reference"]["pixels_sha256"]
     protocol = report["protocol"]["protocol"]
-    assert protocol["num"] == 20 and protocol["per_class"] == 2 and protocol["classes"] == "0-9"
+    assert protocol["num"] == 40 and protocol["per_class"] == 4 and protocol["classes"] == "0-9"
     assert protocol["sampler"]["options"]["cfg"] == 2.0  # the quickstart recipe's sampler
     with np.load(samples / "samples.npz") as npz:
-        assert npz["arr_0"].shape == (20, 32, 32, 3)
+        assert npz["arr_0"].shape == (40, 32, 32, 3)
     assert sorted(p.relative_to(quickstart_run) for p in quickstart_run.rglob("*")) == before
