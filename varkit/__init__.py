@@ -12,7 +12,15 @@ plugins import this facade).
 from __future__ import annotations
 
 from varkit.base import AttentionBackend, PredictionUnit, Sampler, Tokenizer
-from varkit.errors import CheckpointError, DataError, PluginError, RecipeError, TrainingError, VarkitError
+from varkit.errors import (
+    CheckpointError,
+    DataError,
+    EvaluationError,
+    PluginError,
+    RecipeError,
+    TrainingError,
+    VarkitError,
+)
 from varkit.hookspecs import hookimpl
 from varkit.version import __version__
 
@@ -20,6 +28,7 @@ __all__ = [
     "AttentionBackend",
     "CheckpointError",
     "DataError",
+    "EvaluationError",
     "PluginError",
     "PredictionUnit",
     "RecipeError",

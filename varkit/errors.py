@@ -43,6 +43,11 @@ class TrainingError(VarkitError):
     """A training run cannot go on (non-finite loss, incompatible run directory)."""
 
 
+class EvaluationError(VarkitError):
+    """Sampling to disk or scoring samples cannot go on: arguments that do not fit, a
+    sample set or reference that cannot be read or compared, a missing Inception network."""
+
+
 def closest(name: str, choices: Iterable[str]) -> str | None:
     """The choice most similar to ``name``, or None when nothing is close."""
     matches = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)

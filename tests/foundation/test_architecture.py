@@ -19,6 +19,7 @@ LATE_IMPORTS = {
     "xformers": "an optional GPU dependency",
     "torch.utils.tensorboard": "optional (train.tensorboard); the run warns when it is missing",
     "torch.nn.attention.flex_attention": "compiled on first use; registering a plugin stays cheap",
+    "torch_fidelity": "the optional [eval] extra (FID's Inception); its package also imports torchvision",
     "varkit": "the root facade loads the front door on first use, so a plugin's `import varkit` stays light",
 }
 

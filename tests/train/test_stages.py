@@ -91,7 +91,8 @@ def test_sample_command_writes_pngs_grid_and_npz(tmp_path, fake_stream):
     out = tmp_path / "run"
     run(tiny_recipe(out, train={"steps": 1, "ema": 0.5}))
     target = tmp_path / "samples"
-    assert main(["sample", str(out), "--classes", "0,2", "--per-class", "3", "--out", str(target)]) == 0
+    argv = ["sample", str(out), "--classes", "0,2", "--per-class", "3", "--out", str(target), "--png", "--grid"]  # fmt: skip
+    assert main(argv) == 0
     pngs = sorted(p.name for p in (target / "images").iterdir())
     assert pngs == [f"{c:04d}_{i:03d}.png" for c in (0, 2) for i in range(3)]
     assert np.asarray(Image.open(target / "images" / pngs[0])).shape == (16, 16, 3)

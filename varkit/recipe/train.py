@@ -179,6 +179,13 @@ class TrainConfig(StageConfig):
     sample_classes: int = attrs.field(default=8, validator=V.positive)
     #: Images per class in a sample grid.
     sample_per_class: int = attrs.field(default=4, validator=V.positive)
+    #: Steps between FIDs of eval_num fresh samples against the validation images
+    #: (logged as fid, inception_score); 0 turns it off. Needs the eval extra and the
+    #: Inception weights in torch-fidelity's cache.
+    eval_every: int = attrs.field(default=0, validator=V.non_negative)
+    #: Samples per FID during training: a few thousand track progress in minutes on a GPU
+    #: (the 50 000 of papers are for `varkit eval --fid`).
+    eval_num: int = attrs.field(default=5000, validator=V.positive)
 
     @property
     def compile_mode(self) -> Literal["blocks", "model"] | None:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from varkit.build import build_model, build_sampler
-from varkit.evaluate import class_following
+from varkit.evaluate import TrainingFID, class_following
 from varkit.generation import generate_images
 from varkit.images import save_grid
 from varkit.model.loss import StepGroups, ar_loss
@@ -74,6 +74,13 @@ class ARStage(Stage):
         self.total = self.total_steps(cfg, self.stream)
         self.groups = StepGroups(self.unit.step_lengths, torch.device("cpu"))
         self.scaler: torch.amp.GradScaler | None = None
+        self.eval_every = cfg.eval_every
+        # Loaded before the first step, so that missing Inception weights stop the run at once.
+        self.fid = (
+            TrainingFID(recipe.data, self.root / "eval", num=cfg.eval_num, device=device, seed=recipe.seed)
+            if cfg.eval_every and env.main
+            else None
+        )
 
     # ------------------------------------------------------------------ setup
     def modules(self) -> dict[str, nn.Module]:
@@ -164,6 +171,39 @@ class ARStage(Stage):
             model.load_state_dict({k: v.to(env.device) for k, v in state.items()})
             return model
         return self.model if env.main else None
+
+    @torch.no_grad()
+    def evaluate(self, step: int, *, final: bool) -> dict[str, Any] | None:
+        """FID and IS of ``train.eval_num`` samples of the (EMA) model against the
+        validation images (``train.eval_every``; rank 0 samples, the others wait)."""
+        model = self._sampling_model()
+        record = None
+        if model is not None and self.fid is not None:
+            num_classes = min(self.model.config.num_classes, self.recipe.data.classes)
+            dtype = self.precision.dtype if self.env.device.type == "cuda" else None
+            use_ema = self.ema is not None and model is self.model
+            was_training = model.training
+            model.eval()
+            try:
+                with self.ema.applied() if use_ema else contextlib.nullcontext():
+                    record = self.fid(
+                        model,
+                        self.tokenizer,
+                        build_sampler(self.recipe),
+                        num_classes=num_classes,
+                        dtype=dtype,
+                    )
+            finally:
+                model.train(was_training)
+            log.info(
+                "step %d: FID %.3f, IS %.3f (%d samples)",
+                step,
+                record["fid"],
+                record["inception_score"],
+                record["fid_images"],
+            )
+        D.barrier(self.env)
+        return record
 
     @torch.no_grad()
     def preview(self, tag: str, *, final: bool) -> dict[str, Any] | None:
