@@ -118,16 +118,16 @@ def test_a_corrupt_stored_recipe_says_what_to_do(tmp_path):
         recipe_mod.read_stored(stored)
 
 
-def test_varkit_run_on_an_out_dir_with_a_corrupt_recipe_exits_2(tmp_path, capsys):
+def test_a_corrupt_recipe_yaml_in_out_dir_does_not_block_the_run(tmp_path, capsys):
+    # out_dir/recipe.yaml only mirrors the recipe of the newest checkpoint, which is what
+    # a resumed run is compared with; a damaged copy (and no checkpoint) is rewritten.
     out = tmp_path / "run"
     out.mkdir()
     (out / "recipe.yaml").write_text("model: {depth: [\n")
     code = main(
         ["run", str(HERE / "child.yaml"), f"out_dir={out}", "train.steps=0", "tokenizer_train.steps=0"]
     )
-    err = capsys.readouterr().err
-    assert code == 2 and "Traceback" not in err
-    assert f"{out / 'recipe.yaml'}:" in err and "restore it" in err
+    assert code == 0, capsys.readouterr().err
 
 
 # ----------------------------------------------------- what run would crash on
