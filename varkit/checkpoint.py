@@ -106,12 +106,12 @@ def checkpoint_step(step_dir: str | os.PathLike) -> int | None:
 # ------------------------------------------------------------------------ writing
 
 
-def _fsync_file(path: Path) -> None:
+def fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:  # some platforms cannot open directories; nothing more to do there
@@ -133,7 +133,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def dump_recipe(recipe: dict[str, Any]) -> str:
@@ -141,7 +141,7 @@ def dump_recipe(recipe: dict[str, Any]) -> str:
     return yaml.safe_dump(dict(recipe), sort_keys=False, default_flow_style=None, width=100)
 
 
-def _plain_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def plain_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """CPU, contiguous tensors that share no storage (what safetensors requires)."""
     out, seen = {}, set()
     for key, tensor in state.items():
@@ -189,8 +189,8 @@ def save_checkpoint(
     tmp.mkdir()
     for key, state in weights.items():
         file = tmp / f"{key}.safetensors"
-        save_file(_plain_tensors(state), str(file), metadata={"format": "pt", "step": str(step)})
-        _fsync_file(file)
+        save_file(plain_tensors(state), str(file), metadata={"format": "pt", "step": str(step)})
+        fsync_file(file)
     with open(tmp / TRAINER, "wb") as f:
         torch.save(trainer_state, f)
         f.flush()
@@ -199,7 +199,7 @@ def save_checkpoint(
         f.write(dump_recipe(recipe))
         f.flush()
         os.fsync(f.fileno())
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     final = root / name
     if final.exists():  # the same step saved again (a resumed run's final save)
         old = root / f"{_OLD_PREFIX}{name}.{os.getpid()}"
@@ -208,7 +208,7 @@ def save_checkpoint(
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     write_text_atomic(root / LATEST, name + "\n")
     for _, path in list_checkpoints(root)[:-keep]:
         if path != final:

@@ -20,6 +20,7 @@ LATE_IMPORTS = {
     "torch.utils.tensorboard": "optional (train.tensorboard); the run warns when it is missing",
     "torch.nn.attention.flex_attention": "compiled on first use; registering a plugin stays cheap",
     "varkit": "the root facade loads the front door on first use, so a plugin's `import varkit` stays light",
+    "huggingface_hub": "optional (the hub extra): only loading a model by Hub repository id needs it",
 }
 
 

@@ -20,7 +20,11 @@ def add_commands(sub: argparse._SubParsersAction, commands: dict) -> None:
         "(data.val_shards, or the synthetic val split). For FID, sample with `varkit sample` and give "
         "samples.npz to an evaluator.",
     )
-    p.add_argument("checkpoint", help="run directory, checkpoint directory, or `varkit import` output")
+    p.add_argument(
+        "checkpoint",
+        help="pretrained directory (`varkit import`, save_pretrained), run or checkpoint directory, "
+        "or Hub repository id",
+    )
     p.add_argument("--max-images", type=int, help="stop after this many validation images (default: all)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")

@@ -18,8 +18,16 @@ def add_commands(sub: argparse._SubParsersAction, commands: dict) -> None:
         description="Generate images: one PNG per image, a grid, and samples.npz (arr_0: uint8 NxHxWx3, "
         "labels: N) in the layout common FID evaluators read.",
     )
-    p.add_argument("checkpoint", help="run directory, checkpoint directory, or `varkit import` output")
-    p.add_argument("--classes", default="0,1,2,3", help="comma-separated class indices (default 0,1,2,3)")
+    p.add_argument(
+        "checkpoint",
+        help="pretrained directory (`varkit import`, save_pretrained), run or checkpoint directory, "
+        "or Hub repository id",
+    )
+    p.add_argument(
+        "--classes",
+        default="0,1,2,3",
+        help="comma-separated class indices or names (names from the model's classes.json; default 0,1,2,3)",
+    )
     p.add_argument("--per-class", type=int, default=8, help="images per class (default 8)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--sampler", help="sampler name (default: the recipe's)")
@@ -35,15 +43,10 @@ def add_commands(sub: argparse._SubParsersAction, commands: dict) -> None:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    try:
-        classes = [int(c) for c in args.classes.split(",") if c.strip()]
-    except ValueError:
-        raise VarkitError(
-            f"--classes {args.classes!r} must be comma-separated integers, e.g. 0,1,2"
-        ) from None
-    if not classes or args.per_class < 1:
+    if args.per_class < 1:
         raise VarkitError("give at least one class and --per-class >= 1")
     pipe = load(args.checkpoint, device=device_or_default(args.device), ema=not args.no_ema)
+    classes = pipe.class_indices(args.classes)
     out = sample_to_dir(
         pipe,
         Path(args.out),

@@ -28,6 +28,7 @@ from varkit.errors import TrainingError
 from varkit.evaluate import class_following
 from varkit.generation import generate_images
 from varkit.images import save_grid
+from varkit.loading import prepare_ar_model
 from varkit.model.loss import StepGroups, ar_loss
 from varkit.train import distributed as D
 from varkit.train import loop
@@ -85,6 +86,10 @@ class ARTrainer:
         self.step_dir: Path | None = None  # the latest checkpoint, once there is one
         self._pending_rng: dict[str, Any] | None = None
         trainer_state = self._resume_weights()
+        # Class names into the run; fine-tuning: init weights (a fresh run only) and frozen parts.
+        prepare_ar_model(
+            self.model, recipe, out_dir=self.out_dir, resumed=trainer_state is not None, main=env.main
+        )
         self.net = D.wrap_model(self.model, env, cfg.distributed)
         if cfg.compile:
             self.model.compile()
