@@ -209,8 +209,9 @@ def hub_snapshot(repo_id: str, *, revision: str | None = None) -> Path:
     """The local snapshot directory of a Hub repository holding a pretrained directory.
 
     The files come through ``huggingface_hub``, so its cache (``HF_HUB_CACHE``), its
-    offline mode (``HF_HUB_OFFLINE=1``) and its token are respected: a file already in
-    the cache is not downloaded again, and without a network the cache alone is used.
+    offline mode (``HF_HUB_OFFLINE=1``) and its token are respected: files already in
+    the cache are not downloaded again, and when the Hub cannot be reached the cache
+    alone is used.
 
     Raises:
         CheckpointError: huggingface_hub is not installed, the repository or a
@@ -219,50 +220,58 @@ def hub_snapshot(repo_id: str, *, revision: str | None = None) -> Path:
     """
     try:
         import huggingface_hub
+        from huggingface_hub import constants as hub_constants
         from huggingface_hub import errors as hub_errors
     except ImportError:
         raise CheckpointError(
             f"{repo_id} is no local directory; to load it from the Hugging Face Hub install the optional "
             "dependency: pip install 'varkit[hub]'"
         ) from None
-    got: dict[str, Path] = {}
-    unreachable, absent = [], []
-    for filename, required in _HUB_FILES:
-        try:
-            got[filename] = Path(huggingface_hub.hf_hub_download(repo_id, filename, revision=revision))
-        except (hub_errors.RepositoryNotFoundError, hub_errors.RevisionNotFoundError) as exc:
-            raise CheckpointError(
-                f"the Hugging Face Hub has no repository {repo_id!r}"
-                + (f" at revision {revision!r}" if revision else "")
-                + f" (or it is private or gated: log in with `hf auth login`): {type(exc).__name__}"
-            ) from None
-        except hub_errors.EntryNotFoundError:
-            if required:
-                absent.append(filename)
-        except hub_errors.LocalEntryNotFoundError:
-            if required:
-                unreachable.append(filename)
-        except hub_errors.HFValidationError as exc:
-            raise CheckpointError(f"{repo_id!r} is not a valid Hub repository id: {exc}") from None
-        except (hub_errors.HfHubHTTPError, OSError) as exc:
-            if required:
-                raise CheckpointError(f"downloading {filename} of {repo_id} failed: {exc}") from None
-    if absent:
+    names = [name for name, _ in _HUB_FILES]
+    required = [name for name, needed in _HUB_FILES if needed]
+    at = f" at revision {revision!r}" if revision else ""
+    try:
+        info = huggingface_hub.model_info(repo_id, revision=revision)
+    except (hub_errors.RepositoryNotFoundError, hub_errors.RevisionNotFoundError) as exc:
         raise CheckpointError(
-            f"Hub repository {repo_id} has no {', '.join(absent)}: it is not a varkit pretrained model. "
-            "Release files of VAR or LlamaGen are converted with `varkit import var|llamagen`."
+            f"the Hugging Face Hub has no repository {repo_id!r}{at} (or it is private or gated: log in with "
+            f"`hf auth login`): {type(exc).__name__}"
+        ) from None
+    except hub_errors.HFValidationError as exc:
+        raise CheckpointError(f"{repo_id!r} is not a valid Hub repository id: {exc}") from None
+    except Exception as exc:  # offline mode, no network, the Hub down: the cache alone answers
+        info, reason = None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    if info is not None:
+        present = {s.rfilename for s in info.siblings or ()}
+        absent = [name for name in required if name not in present]
+        if absent:
+            raise CheckpointError(
+                f"Hub repository {repo_id}{at} has no {', '.join(absent)}: it is not a varkit pretrained model. "
+                "Release files of VAR or LlamaGen are converted with `varkit import var|llamagen`."
+            )
+        try:
+            return Path(huggingface_hub.snapshot_download(repo_id, revision=info.sha, allow_patterns=names))
+        except (hub_errors.HfHubHTTPError, OSError) as exc:
+            raise CheckpointError(f"downloading {repo_id} from the Hugging Face Hub failed: {exc}") from None
+    try:
+        folder = Path(
+            huggingface_hub.snapshot_download(
+                repo_id, revision=revision, allow_patterns=names, local_files_only=True
+            )
         )
-    if unreachable:
+    except hub_errors.LocalEntryNotFoundError:
+        folder = None
+    missing = [name for name in required if folder is None or not (folder / name).is_file()]
+    if missing:
         base = f"https://huggingface.co/{repo_id}/resolve/{revision or 'main'}"
         raise CheckpointError(
-            f"{', '.join(unreachable)} of Hub repository {repo_id} "
-            f"{'is' if len(unreachable) == 1 else 'are'} not in the local cache "
-            f"({huggingface_hub.constants.HF_HUB_CACHE}) and the Hub cannot be reached (no network, or "
-            "HF_HUB_OFFLINE=1). Fetch them on a machine with a network with `hf download "
-            f"{repo_id}` and copy its cache here, or download {', '.join(f'{base}/{n}' for n in unreachable)} "
-            "by hand into one directory with the other files and pass that directory instead."
+            f"{', '.join(missing)} of Hub repository {repo_id} {'is' if len(missing) == 1 else 'are'} not in "
+            f"the local cache ({hub_constants.HF_HUB_CACHE}) and the Hub cannot be reached ({reason}). Fetch "
+            f"them on a machine with a network with `hf download {repo_id}` and copy its cache here, or "
+            f"download {', '.join(f'{base}/{n}' for n in missing)} by hand into one directory with the other "
+            "files and pass that directory instead."
         )
-    return got[RECIPE].parent
+    return folder
 
 
 def save_pretrained(

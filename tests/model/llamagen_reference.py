@@ -34,7 +34,9 @@ from autoregressive.models.gpt import GPT_models, ModelArgs, Transformer  # noqa
 from tokenizer.tokenizer_image import vq_model  # noqa: E402
 
 #: The small models of the parity check.
-VOCAB, CODE_DIM, Z, CH, IMAGE, CLASSES = 64, 8, 64, 32, 64, 10
+VOCAB, CODE_DIM, Z, CH, CLASSES = 64, 8, 64, 32, 10
+#: The GPT's image size (a 4×4 code grid) and the VQ check's (2×2 codes: the decoder is the slow part).
+IMAGE, VQ_IMAGE = 64, 32
 DIM, LAYERS, HEADS = 64, 2, 4
 
 
@@ -92,10 +94,11 @@ def parity(out: Path) -> None:
 
     results = {}
     with torch.no_grad():
-        images = torch.rand(3, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(3)) * 2 - 1
+        images = torch.rand(3, 3, VQ_IMAGE, VQ_IMAGE, generator=torch.Generator().manual_seed(3)) * 2 - 1
         _, _, info = vq.encode(images)
-        codes = info[2].view(3, grid, grid)
-        shape = [3, CODE_DIM, grid, grid]
+        side = VQ_IMAGE // 16
+        codes = info[2].view(3, side, side)
+        shape = [3, CODE_DIM, side, side]
         results |= {"images": images, "codes": codes, "decoded": vq.decode_code(codes.flatten(), shape)}
 
         # Teacher forcing as in train_c2i.py: the class and tokens 0..L-2 in, logits of 0..L-1 out.
