@@ -717,7 +717,7 @@ def prepare_ar_model(
     if main and names is not None:
         write_text_atomic(
             Path(out_dir) / pretrained.CLASSES,
-            json.dumps({n: i for i, n in enumerate(names)}, indent=1, ensure_ascii=False) + "\n",
+            json.dumps({n: i for i, n in enumerate(names)}, indent=1) + "\n",
         )
     init = recipe.init
     if init.weights and not resumed:

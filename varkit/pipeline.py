@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -87,7 +88,7 @@ class Pipeline:
         spec = classes if isinstance(classes, str) else ",".join(str(c) for c in classes)
         return resolve_classes(spec, self.class_names, self.model.config.num_classes)
 
-    def save_pretrained(self, directory: str | os.PathLike, *, card: ModelCard | None = None):
+    def save_pretrained(self, directory: str | os.PathLike, *, card: ModelCard | None = None) -> Path:
         """Write this pipeline as a pretrained directory (weights as safetensors, the resolved
         recipe, ``classes.json`` and a README model card); see :mod:`varkit.pretrained`.
 
@@ -97,7 +98,7 @@ class Pipeline:
                 with, or describes the run it came from.
 
         Returns:
-            The directory (a ``pathlib.Path``).
+            The directory.
         """
         if self.recipe is None:
             raise VarkitError("this pipeline has no recipe; build it with a recipe to save it")

@@ -112,7 +112,7 @@ def render_card(card: ModelCard, *, recipe: dict[str, Any], facts: dict[str, Any
     model, tok = recipe.get("model", {}), recipe.get("tokenizer", {})
     lines = [
         "---",
-        yaml.safe_dump(front, sort_keys=False, width=100).rstrip(),
+        yaml.safe_dump(front, sort_keys=False, width=100, allow_unicode=True).rstrip(),
         "---",
         "",
         f"# {card.title}",
@@ -182,7 +182,7 @@ def read_card(directory: str | os.PathLike) -> ModelCard | None:
     path = Path(directory) / CARD
     if not path.is_file():
         return None
-    text = path.read_text()
+    text = path.read_text(encoding="utf-8")
     if not text.startswith("---\n"):
         return None
     try:
@@ -203,7 +203,7 @@ def read_class_names(directory: str | os.PathLike) -> tuple[str, ...] | None:
     if not path.is_file():
         return None
     try:
-        mapping = json.loads(path.read_text())
+        mapping = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
     return class_names_from_mapping(mapping, str(path))
@@ -283,11 +283,11 @@ def write_pretrained(
     weights = {TOKENIZER: tokenizer} if model is None else {MODEL: model, TOKENIZER: tokenizer}
     for name, state in weights.items():
         save_file(plain_tensors(state), str(tmp / name), metadata=meta)
-    (tmp / RECIPE).write_text(dump_recipe(recipe))
-    (tmp / CARD).write_text(card)
+    (tmp / RECIPE).write_text(dump_recipe(recipe), encoding="utf-8")
+    (tmp / CARD).write_text(card, encoding="utf-8")
     if class_names:
         mapping = {name: i for i, name in enumerate(class_names)}
-        (tmp / CLASSES).write_text(json.dumps(mapping, indent=1, ensure_ascii=False) + "\n")
+        (tmp / CLASSES).write_text(json.dumps(mapping, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     for path in tmp.iterdir():
         fsync_file(path)
     fsync_dir(tmp)

@@ -22,11 +22,13 @@ import torch
 
 from varkit.build import build_model, build_sampler
 from varkit.cli import main
+from varkit.config_types import unstructure
 from varkit.errors import CheckpointError
 from varkit.generation import generate_codes
 from varkit.importers import llamagen
 from varkit.loading import load_tokenizer_weights
 from varkit.recipe import from_dict
+from varkit.recipe import load as load_recipe
 from varkit.weights import read_state_dict
 from varkit_plugins.tokenizers.vq import VQ, convert_llamagen_vq, llamagen_vq_config
 
@@ -318,3 +320,14 @@ def test_heads_of_an_unknown_size_must_be_given():
 )
 def test_image_size_from_the_file_name(name, size):
     assert llamagen.image_size_of(name) == size
+
+
+def test_the_llamagen_b_recipe_is_the_release_and_its_training():
+    """recipes/llamagen_b.yaml builds what `varkit import llamagen` reads off c2i_B_256.pt, trained as LlamaGen."""
+    recipe = load_recipe(Path(__file__).parents[2] / "recipes" / "llamagen_b.yaml")
+    assert recipe.model == llamagen.llamagen_model_config(_meta_state("GPT-B"))
+    assert recipe.tokenizer.config == llamagen_vq_config(_meta_state("VQ-16"))
+    assert {"name": recipe.unit.name, **unstructure(recipe.unit.config)} == llamagen.UNIT
+    train = unstructure(recipe.train)
+    assert {k: train[k] for k in llamagen.TRAIN} == llamagen.TRAIN
+    assert (recipe.sampler.name, recipe.sampler.config.cfg) == ("llamagen", llamagen.CFG["B"])

@@ -394,8 +394,8 @@ def read_release(
     check_state_dict(model, converted, what=f"LlamaGen GPT {gpt_ckpt}")
     model.load_state_dict(converted, strict=True, assign=True)
     log.info(
-        "LlamaGen-%s (%d px) with %.1fM parameters",
-        size or "?",
+        "LlamaGen GPT-%s (%d px) with %.1fM parameters",
+        size or f"{model_config.depth}x{model_config.width}",
         image_size,
         sum(p.numel() for p in model.parameters()) / 1e6,
     )
@@ -412,36 +412,41 @@ def release_card(vq_ckpt: str | os.PathLike, gpt_ckpt: str | os.PathLike | None,
     )
     if gpt_ckpt is None:
         size = loaded.recipe.tokenizer.config.image_size
+        known = Path(vq_ckpt).name in ("vq_ds16_c2i.pt", "vq_ds8_c2i.pt")
         return ModelCard(
             title=f"LlamaGen VQ tokenizer ({Path(vq_ckpt).stem})",
             summary=f"LlamaGen's VQ tokenizer as varkit's `vq` plugin, set for {size} px images.",
             license="mit",
-            source=f"{SOURCE}/resolve/main/{Path(vq_ckpt).name}",
+            source=f"{SOURCE}/resolve/main/{Path(vq_ckpt).name}" if known else str(vq_ckpt),
             conversion=conversion,
             paper=PAPER,
             tags=("llamagen",),
         )
     stem = Path(gpt_ckpt).stem
     config = loaded.model.config
-    size = SIZES.get((config.depth, config.width), ("?",))[0]
+    size = SIZES.get((config.depth, config.width), (None,))[0]
+    name = f"LlamaGen-{size}" if size else f"LlamaGen GPT (depth {config.depth}, width {config.width})"
     image = loaded.recipe.tokenizer.config.image_size
+    grid = image // loaded.tokenizer.downsample
     metrics = {}
     if stem in RELEASES:
         params, fid, cfg = RELEASES[stem]
         metrics[f"FID-50k, ImageNet 256×256 (cfg {cfg}, top-k 0, top-p 1)"] = f"{fid} (LlamaGen README)"
         metrics["parameters (LlamaGen README)"] = params
+    released = stem in RELEASES
     return ModelCard(
-        title=f"LlamaGen-{size} ({image}×{image}, class-conditional ImageNet)",
+        title=f"{name} ({image}×{image}, class-conditional)",
         summary=(
-            f"LlamaGen's class-conditional GPT-{size}: raster next-token prediction over a "
-            f"{image // 16}×{image // 16} VQ code map, conditioned by a class token; 1000 ImageNet classes."
+            f"LlamaGen's class-conditional GPT{'-' + size if size else ''}: raster next-token prediction over a "
+            f"{grid}×{grid} VQ code map, conditioned by a class token; {config.num_classes} classes"
+            + (" (ImageNet)." if config.num_classes == 1000 else ".")
         ),
         license="mit",
-        source=f"{SOURCE}/resolve/main/{Path(gpt_ckpt).name}",
+        source=f"{SOURCE}/resolve/main/{Path(gpt_ckpt).name}" if released else str(gpt_ckpt),
         conversion=conversion,
         metrics=metrics,
         paper=PAPER,
-        tags=("llamagen", "imagenet"),
+        tags=("llamagen", "imagenet") if config.num_classes == 1000 else ("llamagen",),
     )
 
 
