@@ -171,7 +171,8 @@ def test_an_incomplete_pretrained_directory_names_what_it_lacks(tmp_path, capsys
     err = capsys.readouterr().err
     assert "lacks model.safetensors" in err and err.count("\n") == 1
     assert main(["eval", str(tmp_path / "nowhere" / "x")]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no checkpoint found" in err and "does not exist" in err
 
 
 def test_save_refuses_a_directory_that_holds_something_else(tmp_path):

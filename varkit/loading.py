@@ -92,7 +92,7 @@ def load_checkpoint(path: str | os.PathLike, *, ema: bool = True) -> Loaded:
     step_dir = latest_checkpoint(path)
     if step_dir is None:
         raise CheckpointError(
-            f"no model found at {path}: expected a pretrained directory (recipe.yaml, model.safetensors, "
+            f"no checkpoint found at {path}: expected a pretrained directory (recipe.yaml, model.safetensors, "
             "tokenizer.safetensors), a run directory with checkpoints/latest, or a checkpoint directory"
         )
     recipe = recipe_of(step_dir)
@@ -173,8 +173,8 @@ def resolve(name: str | os.PathLike, *, revision: str | None = None) -> Path:
     if is_hub_id(name):
         return hub_snapshot(str(name), revision=revision)
     raise CheckpointError(
-        f"{name} does not exist: give a pretrained directory, a run or checkpoint directory, or a "
-        "Hugging Face Hub repository id such as owner/name"
+        f"no checkpoint found at {name}: it does not exist. Give a pretrained directory, a run or "
+        "checkpoint directory, or a Hugging Face Hub repository id such as owner/name"
     )
 
 

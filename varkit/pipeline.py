@@ -9,6 +9,7 @@ directory. Where the weights come from is :mod:`varkit.loading` and
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -173,7 +174,9 @@ class Pipeline:
         """Teacher-forced logits ``(b, l, v)`` of code maps ``[(b, h_k, w_k)]`` (no class dropout)."""
         unit = self.model.unit
         inputs = unit.teacher_forcing(codes, self.tokenizer)
-        return self.model(inputs, labels.to(self.device))
+        lowered = self.dtype != torch.float32
+        with torch.autocast(self.device.type, dtype=self.dtype) if lowered else contextlib.nullcontext():
+            return self.model(inputs, labels.to(self.device)).float()
 
     @classmethod
     def from_loaded(

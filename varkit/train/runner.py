@@ -13,6 +13,7 @@ trains.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 import torch.distributed as dist
 import yaml
 
+from varkit import recipe as recipe_mod
 from varkit.build import build_tokenizer
 from varkit.checkpoint import RECIPE, latest_checkpoint, write_text_atomic
 from varkit.errors import TrainingError, VarkitError
@@ -104,6 +106,9 @@ def prepare_out_dir(recipe, *, force: bool = False) -> Path:
     new = recipe.to_dict()
     if stored_file.is_file():
         stored = yaml.safe_load(stored_file.read_text()) or {}
+        # Resolved again: options added to varkit since (at their defaults) are no difference.
+        with contextlib.suppress(VarkitError):
+            stored = recipe_mod.from_dict(stored, source=str(stored_file)).to_dict()
         differences = recipe_differences(stored, new)
         if differences and not force:
             shown = "\n  ".join(differences[:12]) + ("\n  ..." if len(differences) > 12 else "")
