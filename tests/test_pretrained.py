@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -248,7 +249,26 @@ def hub(tmp_path, monkeypatch):
     template = "http://127.0.0.1:9/{repo_id}/resolve/{revision}/{filename}"
     monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-    return constants, cache
+    connect, outside = socket.socket.connect, []
+
+    def local_only(self, address):  # refused quietly inside the code; reported after the test
+        if isinstance(address, tuple) and address[0] not in ("127.0.0.1", "::1"):
+            outside.append(address)
+            raise ConnectionRefusedError(f"the tests reach no network ({address})")
+        return connect(self, address)
+
+    lookup = socket.getaddrinfo
+
+    def local_names_only(host, *args, **kwargs):
+        if host not in ("127.0.0.1", "::1", "localhost"):
+            outside.append(host)
+            raise socket.gaierror(f"the tests reach no network ({host})")
+        return lookup(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket.socket, "connect", local_only)
+    monkeypatch.setattr(socket, "getaddrinfo", local_names_only)
+    yield constants, cache
+    assert not outside, f"tried to reach {outside}"
 
 
 @pytest.mark.parametrize("offline", [True, False], ids=["HF_HUB_OFFLINE", "no-network"])

@@ -171,7 +171,12 @@ def resolve(name: str | os.PathLike, *, revision: str | None = None) -> Path:
     if path.exists():
         return path
     if is_hub_id(name):
-        return hub_snapshot(str(name), revision=revision)
+        try:
+            return hub_snapshot(str(name), revision=revision)
+        except CheckpointError as exc:
+            raise CheckpointError(
+                f"there is no local directory {name}, and as a Hub repository id: {exc}"
+            ) from None
     raise CheckpointError(
         f"no checkpoint found at {name}: it does not exist. Give a pretrained directory, a run or "
         "checkpoint directory, or a Hugging Face Hub repository id such as owner/name"
@@ -224,14 +229,14 @@ def hub_snapshot(repo_id: str, *, revision: str | None = None) -> Path:
         from huggingface_hub import errors as hub_errors
     except ImportError:
         raise CheckpointError(
-            f"{repo_id} is no local directory; to load it from the Hugging Face Hub install the optional "
-            "dependency: pip install 'varkit[hub]'"
+            "loading from the Hugging Face Hub needs the optional dependency: pip install 'varkit[hub]'"
         ) from None
     names = [name for name, _ in _HUB_FILES]
     required = [name for name, needed in _HUB_FILES if needed]
     at = f" at revision {revision!r}" if revision else ""
     try:
-        info = huggingface_hub.model_info(repo_id, revision=revision)
+        # A fresh client: the endpoint (HF_ENDPOINT) is read now, not when huggingface_hub was imported.
+        info = huggingface_hub.HfApi().model_info(repo_id, revision=revision)
     except (hub_errors.RepositoryNotFoundError, hub_errors.RevisionNotFoundError) as exc:
         raise CheckpointError(
             f"the Hugging Face Hub has no repository {repo_id!r}{at} (or it is private or gated: log in with "
