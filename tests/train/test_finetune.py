@@ -231,8 +231,8 @@ def test_finetuning_five_classes_to_ten_learns_the_new_ones_and_keeps_the_old(qu
     common = ["tokenizer_train.steps=0", "train.sample_classes=10", "train.checkpoint_every=0"]
     assert main(["run", recipe, f"out_dir={base}", f"tokenizer.weights={quickstart_run}", *five, *common,
                  "train.steps=400"]) == 0  # fmt: skip
-    assert main(["run", recipe, f"out_dir={tuned}", f"init.weights={base}", *common, "train.steps=300",
-                 "train.lr=1.0e-3", "train.warmup_steps=20"]) == 0  # fmt: skip
+    assert main(["run", recipe, f"out_dir={tuned}", f"init.weights={base}", *common, "train.steps=400",
+                 "train.warmup_steps=20"]) == 0  # fmt: skip
 
     def following(run_dir, classes):
         pipe = varkit.load(run_dir)
@@ -250,5 +250,7 @@ def test_finetuning_five_classes_to_ten_learns_the_new_ones_and_keeps_the_old(qu
         f"{after_new['sample_colour_accuracy']:.3f} / {after_new['sample_class_accuracy']:.3f}"
     )
     assert varkit.load(tuned).class_names == tuple(SYNTHETIC_NAMES)  # the run's data named its classes
-    assert after_new["sample_colour_accuracy"] >= 0.6, after_new  # learnt (chance: 0.1)
-    assert after_old["sample_colour_accuracy"] >= max(0.6, before["sample_colour_accuracy"] - 0.25), after_old
+    # Measured (docs/finetuning.md): old 1.0 / 0.925 before, 1.0 / 0.975 after; new 0.95 / 0.725 after.
+    assert after_new["sample_colour_accuracy"] >= 0.7, after_new  # learnt (chance: 0.1)
+    assert after_new["sample_class_accuracy"] >= 0.4, after_new
+    assert after_old["sample_colour_accuracy"] >= max(0.7, before["sample_colour_accuracy"] - 0.2), after_old
