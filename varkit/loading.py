@@ -41,6 +41,7 @@ from varkit.data.synthetic import CLASS_NAMES as SYNTHETIC_CLASS_NAMES
 from varkit.errors import CheckpointError, RecipeError, VarkitError, did_you_mean
 from varkit.pretrained import ModelCard
 from varkit.recipe import Recipe
+from varkit.version import __version__
 from varkit.weights import check_state_dict, describe_release, load_state, read_state_dict
 
 log = logging.getLogger(__name__)
@@ -300,7 +301,7 @@ def save_pretrained(
     recipe = loaded.recipe.to_dict()
     recipe["out_dir"] = str(Path("runs") / directory.name)
     recipe["tokenizer"]["weights"] = None  # the tokenizer's weights are in the directory
-    card = card or loaded.card or _card_of_run(loaded)
+    card = card or loaded.card or _card_of_run(loaded, title=directory.name)
     model = loaded.model
     facts: dict[str, Any] = {
         "parameters": {"tokenizer": sum(p.numel() for p in loaded.tokenizer.parameters())},
@@ -319,17 +320,21 @@ def save_pretrained(
         model=None if model is None else model.state_dict(),
         card=text,
         class_names=loaded.class_names,
-        metadata={"varkit_recipe_unit": loaded.recipe.unit.name},
+        metadata={"varkit_version": __version__},
     )
     log.info("wrote %s", out)
     return out
 
 
-def _card_of_run(loaded: Loaded) -> ModelCard:
+def _card_of_run(loaded: Loaded, *, title: str) -> ModelCard:
     """A card for a model trained by varkit: its recipe, and the metrics its run recorded."""
-    source = Path(loaded.source)
-    run_dir = source.parent.parent if (source.parent.name == "checkpoints") else source
-    metrics = _run_metrics(run_dir / "metrics.jsonl")
+    metrics: dict[str, str] = {}
+    source = None
+    if loaded.source is not None:
+        source = Path(loaded.source)
+        run_dir = source.parent.parent if source.parent.name == "checkpoints" else source
+        metrics = _run_metrics(run_dir / "metrics.jsonl")
+        title = run_dir.name or title
     init = loaded.recipe.init.weights
     summary = (
         f"A {loaded.recipe.unit.name}-unit model trained with varkit "
@@ -343,10 +348,10 @@ def _card_of_run(loaded: Loaded) -> ModelCard:
             license_ = parent.license
             summary += f" (whose weights are under the {parent.license} licence)"
     return ModelCard(
-        title=run_dir.name or "varkit model",
+        title=title,
         summary=summary + ".",
         license=license_,
-        source=str(source),
+        source=None if source is None else str(source),
         metrics=metrics,
     )
 
