@@ -1,10 +1,10 @@
 """varkit: a plugin framework for visual autoregressive image generation.
 
 The public surface: the four plugin base classes and the ``hookimpl`` marker for plugin
-authors, ``load`` and ``from_official_var`` for users (`varkit.pipeline`), and the
-error hierarchy.
+authors, ``from_pretrained``, ``load``, ``from_official_var`` and
+``from_official_llamagen`` for users (`varkit.pipeline`), and the error hierarchy.
 
-``load`` and ``from_official_var`` are imported on first use: a plugin package's
+The front-door functions are imported on first use: a plugin package's
 ``import varkit`` must not pull in the whole engine (the registry imports plugins,
 plugins import this facade).
 """
@@ -37,12 +37,14 @@ __all__ = [
     "TrainingError",
     "VarkitError",
     "__version__",
+    "from_official_llamagen",
     "from_official_var",
+    "from_pretrained",
     "hookimpl",
     "load",
 ]
 
-_FRONT_DOOR = {"load", "from_official_var"}
+_FRONT_DOOR = {"load", "from_pretrained", "from_official_var", "from_official_llamagen"}
 
 
 def __getattr__(name: str):

@@ -200,6 +200,12 @@ class PredictionUnit(PluginBase, nn.Module):
     embeddings (they are parameters of the model that holds it).
     """
 
+    #: What a position of steps 1.. is fed: False, code features ``(b, l_s, c)`` that the
+    #: model projects (VAR); True, the codes themselves ``(b, l_s)``, which the model looks
+    #: up in a table of its own (LlamaGen). ``teacher_forcing`` and ``generation_step``
+    #: return that kind of input.
+    input_codes: bool = False
+
     def __init__(self, config, *, tokenizer: Tokenizer, width: int):
         nn.Module.__init__(self)
         self.config = config
@@ -247,12 +253,26 @@ class PredictionUnit(PluginBase, nn.Module):
         """
         return None
 
+    def rotary_tables(self, head_dim: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The cosines and sines ``(l, head_dim // 2)`` that rotate each position's q and k.
+
+        By default those of :meth:`rotary_angles`. A unit may override it to scale the
+        rotation too: LlamaGen's zero rows for its class prefix zero that position's
+        query and key (each of its keys scores 0 with every query).
+        """
+        angles = self.rotary_angles(head_dim)
+        if angles is None:
+            return None
+        angles = angles.float()
+        return angles.cos(), angles.sin()
+
     def targets(self, codes: list[torch.Tensor]) -> torch.Tensor:
         """Code maps -> the codes to predict in sequence order, ``(b, l)``."""
         raise NotImplementedError
 
     def teacher_forcing(self, codes: list[torch.Tensor], tokenizer: Tokenizer) -> torch.Tensor:
-        """Input features of steps 1.. for training, ``(b, l - l_0, c)``."""
+        """Inputs of steps 1.. for training: features ``(b, l - l_0, c)``, or codes
+        ``(b, l - l_0)`` when :attr:`input_codes`."""
         raise NotImplementedError
 
     # -- generation ------------------------------------------------------------
@@ -266,8 +286,8 @@ class PredictionUnit(PluginBase, nn.Module):
         """Record step ``step``'s codes ``(b, l_s)`` and embeddings ``(b, l_s, c)``.
 
         ``emb`` is ``tokenizer.embed(codes)`` or, with a soft sampler, a mixture of
-        codebook rows. Returns the next step's input features ``(b, l_{s+1}, c)``, or
-        None after the last step.
+        codebook rows. Returns the next step's input features ``(b, l_{s+1}, c)`` (codes
+        ``(b, l_{s+1})`` when :attr:`input_codes`), or None after the last step.
         """
         raise NotImplementedError
 

@@ -5,6 +5,7 @@ Loading weights into them is `varkit.loading`.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import attrs
@@ -29,17 +30,25 @@ def build_attention(recipe: Recipe) -> AttentionBackend:
     return recipe.attention.cls(recipe.attention.config)
 
 
-def build_model(recipe: Recipe, tokenizer: Tokenizer, *, device: torch.device | str = "cpu"):
-    """The AR transformer with the recipe's unit and attention backend."""
+def build_model(
+    recipe: Recipe, tokenizer: Tokenizer, *, device: torch.device | str = "cpu", empty: bool = False
+):
+    """The AR transformer with the recipe's unit and attention backend.
+
+    With ``empty`` the transformer's parameters are left on the meta device (nothing
+    allocated or initialised; load a state dict with ``assign=True``) while the unit is
+    built for real (its derived buffers are needed); ``device`` is then ignored.
+    """
     unit = recipe.unit.cls(recipe.unit.config, tokenizer=tokenizer, width=recipe.model.width)
-    model = ARModel(
-        recipe.model,
-        unit=unit,
-        attention=build_attention(recipe),
-        vocab_size=tokenizer.vocab_size,
-        code_dim=tokenizer.code_dim,
-    )
-    return model.to(device)
+    with torch.device("meta") if empty else contextlib.nullcontext():
+        model = ARModel(
+            recipe.model,
+            unit=unit,
+            attention=build_attention(recipe),
+            vocab_size=tokenizer.vocab_size,
+            code_dim=tokenizer.code_dim,
+        )
+    return model if empty else model.to(device)
 
 
 def build_sampler(

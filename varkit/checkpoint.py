@@ -222,12 +222,12 @@ def os_error_message(exc: OSError, doing: str) -> str:
     return f"{doing} failed: {exc.strerror or exc} ({where})"
 
 
-def _fsync_file(path: Path) -> None:
+def fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:  # some platforms cannot open directories; nothing more to do there
@@ -249,7 +249,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def dump_recipe(recipe: dict[str, Any]) -> str:
@@ -257,7 +257,7 @@ def dump_recipe(recipe: dict[str, Any]) -> str:
     return yaml.safe_dump(dict(recipe), sort_keys=False, default_flow_style=None, width=100)
 
 
-def _plain_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def plain_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """CPU, contiguous tensors that share no storage (what safetensors requires)."""
     out, seen = {}, set()
     for key, tensor in state.items():
@@ -307,10 +307,10 @@ def save_checkpoint(
         for key, state in weights.items():
             file = tmp / f"{key}.safetensors"
             try:
-                save_file(_plain_tensors(state), str(file), metadata={"format": "pt", "step": str(step)})
+                save_file(plain_tensors(state), str(file), metadata={"format": "pt", "step": str(step)})
             except SafetensorError as exc:
                 raise _as_os_error(exc, file) from None
-            _fsync_file(file)
+            fsync_file(file)
         with open(tmp / TRAINER, "wb") as f:
             try:
                 torch.save(trainer_state, f)
@@ -322,7 +322,7 @@ def save_checkpoint(
             f.write(dump_recipe(recipe))
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         final = root / name
         if final.exists():  # the same step saved again (a resumed run's final save)
             old = root / f"{_OLD_PREFIX}{name}.{os.getpid()}"
@@ -331,7 +331,7 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         write_text_atomic(root / LATEST, name + "\n")
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)

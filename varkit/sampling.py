@@ -25,7 +25,6 @@ import logging
 import math
 import os
 import platform
-import re
 import sys
 import time
 import zipfile
@@ -46,6 +45,7 @@ from varkit.config_types import unstructure
 from varkit.errors import EvaluationError
 from varkit.generation import generate_images
 from varkit.images import save_grid, to_uint8
+from varkit.loading import format_classes
 from varkit.version import __version__
 
 log = logging.getLogger(__name__)
@@ -69,65 +69,6 @@ _TMP = ".tmp-"
 
 
 # ------------------------------------------------------------------------ the plan
-
-
-def parse_classes(text: str | None, num_classes: int) -> tuple[int, ...]:
-    """Class indices from ``"0-999"``, ``"0,5,7-9"`` or ``"all"``/None (every class).
-
-    Raises:
-        EvaluationError: a part is not an index or a range, a class is outside
-            ``0 .. num_classes - 1``, or a class is given twice.
-    """
-    if text is None or text.strip() in ("", "all"):
-        return tuple(range(num_classes))
-    out: list[int] = []
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        match = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
-        if match is None:
-            raise EvaluationError(
-                f"--classes {text!r}: {part!r} is neither a class index nor a range; give indices and "
-                "ranges separated by commas, e.g. 0-999 or 0,5,10-19"
-            )
-        low = int(match.group(1))
-        high = int(match.group(2)) if match.group(2) is not None else low
-        if high < low:
-            raise EvaluationError(
-                f"--classes {text!r}: the range {part!r} runs backwards; write it as {high}-{low}"
-            )
-        out.extend(range(low, high + 1))
-    if not out:
-        raise EvaluationError(f"--classes {text!r} names no class; give e.g. 0-{num_classes - 1}")
-    outside = sorted({c for c in out if c >= num_classes})
-    if outside:
-        raise EvaluationError(
-            f"--classes {text!r}: classes {format_classes(outside)} are outside 0-{num_classes - 1} of this model"
-        )
-    seen: set[int] = set()
-    twice = sorted({c for c in out if c in seen or seen.add(c)})
-    if twice:
-        raise EvaluationError(
-            f"--classes {text!r} names classes {format_classes(twice)} more than once; each class is sampled "
-            "--per-class times, so name it once"
-        )
-    return tuple(out)
-
-
-def format_classes(classes: Iterable[int]) -> str:
-    """``(0, 1, 2, 5)`` -> ``"0-2,5"``: runs of consecutive classes as ranges."""
-    parts: list[str] = []
-    run: list[int] = []
-    for c in classes:
-        if run and c == run[-1] + 1:
-            run.append(c)
-            continue
-        if run:
-            parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
-        run = [c]
-    if run:
-        parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
-    return ",".join(parts)
 
 
 @attrs.frozen(kw_only=True)

@@ -8,6 +8,8 @@ Everything that brings weights into a module goes through `load_state` (or
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import os
 import pickle
@@ -22,8 +24,9 @@ from safetensors.torch import load_file
 
 from varkit.errors import CheckpointError
 
-#: Keys under which training snapshots keep the weights beside other state.
-WRAPPER_KEYS = ("model", "state_dict")
+#: Keys under which training snapshots keep the weights beside other state ("model":
+#: DDP runs, "module": DeepSpeed).
+WRAPPER_KEYS = ("model", "module", "state_dict")
 
 
 def file_format(path: str | os.PathLike) -> str:
@@ -104,8 +107,9 @@ def _unwrap(state, path: Path, what: str) -> dict[str, torch.Tensor]:
 def read_state_dict(path: str | os.PathLike, what: str) -> dict[str, torch.Tensor]:
     """A state dict from a ``.pth`` file, loaded without unpickling code.
 
-    Training snapshots that wrap the weights as ``{"model": state_dict, ...}`` or
-    ``{"state_dict": ...}`` are unwrapped.
+    Training snapshots that wrap the weights as ``{"model": state_dict, ...}`` (or
+    ``"module"``, ``"state_dict"``) are unwrapped; an ``argparse.Namespace`` of training
+    arguments stored beside them is allowed.
 
     Raises:
         CheckpointError: the file is missing, truncated, or not a tensor dict; the
@@ -115,7 +119,10 @@ def read_state_dict(path: str | os.PathLike, what: str) -> dict[str, torch.Tenso
     if not path.is_file():
         raise CheckpointError(f"{what} file {path} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        # Training scripts (LlamaGen's among them) store their argparse arguments beside
+        # the weights: a Namespace holds plain data, so the weights-only unpickler may build it.
+        with _safe_globals([argparse.Namespace]):
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as exc:
         raise CheckpointError(_refusal(path, what, exc)) from None
     return _unwrap(state, path, what)
@@ -177,7 +184,8 @@ def weight_shapes(path: str | os.PathLike, what: str) -> dict[str, torch.Tensor]
             raise CheckpointError(_not_safetensors(path, what, exc)) from None
     if path.is_file() and file_format(path) == "torch-zip":
         try:  # memory-mapped: the tensors' bytes are not read
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            with _safe_globals([argparse.Namespace]):
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except (
             RuntimeError,
             EOFError,
@@ -205,6 +213,46 @@ _DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+
+
+def _safe_globals(classes: list[type]):
+    """``torch.serialization.safe_globals`` where this torch has it (2.5+)."""
+    allow = getattr(torch.serialization, "safe_globals", None)
+    return allow(classes) if allow is not None else contextlib.nullcontext()
+
+
+#: Keys that identify the state dicts of the releases varkit imports, and what each is.
+_RELEASES = (
+    (
+        ("quantize.ema_vocab_hit_SV", "encoder.down.0.block.0.conv1.weight"),
+        "VAR's multi-scale VQ-VAE (vae_ch160v4096z32.pth: `varkit import var --vae`, tokenizer msvq)",
+    ),
+    (
+        ("class_emb.weight", "blocks.0.attn.mat_qkv.weight"),
+        "an official VAR transformer (var_d16.pth ... var_d30.pth: `varkit import var --var`)",
+    ),
+    (
+        ("quantize.embedding.weight", "encoder.conv_blocks.0.res.0.conv1.weight"),
+        "LlamaGen's VQ tokenizer (vq_ds16_c2i.pt: `varkit import llamagen --vq`, tokenizer vq)",
+    ),
+    (
+        ("tok_embeddings.weight", "layers.0.attention.wqkv.weight"),
+        "a LlamaGen GPT (c2i_B_256.pt ... c2i_3B_384.pt: `varkit import llamagen --gpt`)",
+    ),
+)
+
+
+def describe_release(state: Mapping[str, torch.Tensor]) -> str | None:
+    """Which released checkpoint ``state`` looks like, in words, or None when none.
+
+    Used to name a wrong file clearly: a LlamaGen file given where a VAR one is
+    expected, a tokenizer given as a transformer, and so on.
+    """
+    keys = {k.removeprefix("module.").removeprefix("_orig_mod.") for k in state}
+    for needed, what in _RELEASES:
+        if all(k in keys for k in needed):
+            return what
+    return None
 
 
 def check_state_dict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], *, what: str) -> None:

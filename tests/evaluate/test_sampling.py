@@ -19,16 +19,14 @@ from eval_helpers import subprocess_env
 from PIL import Image
 
 from varkit.cli import main
-from varkit.errors import EvaluationError
-from varkit.loading import load_checkpoint
+from varkit.errors import EvaluationError, VarkitError
+from varkit.loading import format_classes, load_checkpoint, resolve_classes
 from varkit.pipeline import Pipeline
 from varkit.sampling import (
     CHUNK_DIR,
     SamplePlan,
-    format_classes,
     generate_chunk,
     image_seed,
-    parse_classes,
     sample_to_dir,
     write_samples_npz,
 )
@@ -40,9 +38,9 @@ def pipe(tiny_run):
 
 
 def test_classes_parse_ranges_and_lists():
-    assert parse_classes("0-999", 1000) == tuple(range(1000))
-    assert parse_classes("3, 5-7,1", 10) == (3, 5, 6, 7, 1)
-    assert parse_classes(None, 4) == parse_classes("all", 4) == (0, 1, 2, 3)
+    assert resolve_classes("0-999", None, 1000) == list(range(1000))
+    assert resolve_classes("3, 5-7,1", None, 10) == [3, 5, 6, 7, 1]
+    assert resolve_classes(None, None, 4) == resolve_classes("all", None, 4) == [0, 1, 2, 3]
     assert format_classes(range(1000)) == "0-999" and format_classes([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
     for text, message in [
         ("0-10", "outside 0-9"),
@@ -51,8 +49,8 @@ def test_classes_parse_ranges_and_lists():
         ("1,1-3", "more than once"),
         (",", "names no class"),
     ]:
-        with pytest.raises(EvaluationError, match=message):
-            parse_classes(text, 10)
+        with pytest.raises(VarkitError, match=message):
+            resolve_classes(text, None, 10)
 
 
 def test_plans_count_images_per_class_and_refuse_uneven_splits():

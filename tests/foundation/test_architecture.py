@@ -21,6 +21,7 @@ LATE_IMPORTS = {
     "torch.nn.attention.flex_attention": "compiled on first use; registering a plugin stays cheap",
     "torch_fidelity": "the optional [eval] extra (FID's Inception); its package also imports torchvision",
     "varkit": "the root facade loads the front door on first use, so a plugin's `import varkit` stays light",
+    "huggingface_hub": "optional (the hub extra): only loading a model by Hub repository id needs it",
 }
 
 

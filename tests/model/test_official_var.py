@@ -330,8 +330,8 @@ def test_wrong_tokenizer_is_a_load_error_not_a_silent_success():
 # ------------------------------------------------------------------------- end to end
 
 
-def test_release_files_become_a_pipeline_and_a_checkpoint(tmp_path):
-    """Files in the release's format -> varkit.from_official_var -> images; import -> load."""
+def test_release_files_become_a_pipeline_and_a_pretrained_directory(tmp_path):
+    """Files in the release's format -> varkit.from_official_var -> images; import -> from_pretrained."""
     import varkit
     from varkit.importers.var import import_release as import_var
     from varkit_plugins.tokenizers.msvq import official_vae_config
@@ -357,7 +357,22 @@ def test_release_files_become_a_pipeline_and_a_checkpoint(tmp_path):
     images = pipe.generate([1], seed=0)
     assert images.shape == (1, 3, 256, 256) and images.min() >= 0 and images.max() <= 1
 
-    loaded = varkit.load(import_var(tmp_path / "vae.pth", tmp_path / "var.pth", tmp_path / "run"))
+    # `varkit import var` writes a pretrained directory with a model card; it loads through the one call
+    out = import_var(tmp_path / "vae.pth", tmp_path / "var.pth", tmp_path / "var-small")
+    assert {p.name for p in out.iterdir()} == {
+        "README.md",
+        "recipe.yaml",
+        "model.safetensors",
+        "tokenizer.safetensors",
+    }
+    card = (out / "README.md").read_text()
+    assert (
+        card.startswith("---\nlibrary_name: varkit\nlicense: mit")
+        and "# VAR-d2" in card
+        and "Conversion" in card
+    )
+    loaded = varkit.from_pretrained(out)
+    assert loaded.card.license == "mit" and loaded.card.source.endswith("var.pth with vae.pth")
     for mine, theirs in ((loaded.model, pipe.model), (loaded.tokenizer, pipe.tokenizer)):
         expected = theirs.state_dict()
         assert mine.state_dict().keys() == expected.keys()

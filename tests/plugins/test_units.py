@@ -17,9 +17,11 @@ UNITS = [entry.name for entry in registry() if entry.kind == "unit"]
 WIDTH = 16
 
 #: Option sets worth covering for the built-in units; any other unit runs its defaults.
+#: LlamaGen's layout: fed codes, rotated by the input code's cell, no start embedding.
+LLAMAGEN = {"position": "rope2d", "rope_anchor": "input", "inputs": "codes", "start_embedding": False}
 VARIANTS = {
-    "token": [{}, {"position": "rope2d"}],
-    "patch": [{}, {"k": 4}, {"position": "rope2d"}],
+    "token": [{}, {"position": "rope2d"}, LLAMAGEN],
+    "patch": [{}, {"k": 4}, {"position": "rope2d"}, {"k": 2, **LLAMAGEN}],
 }
 
 
@@ -109,19 +111,32 @@ def test_layout_is_consistent_with_the_tokenizer(name, options, tok):
     assert unit.position_embedding().shape == (1, unit.seq_len, WIDTH)
     angles = unit.rotary_angles(8)
     assert angles is None or angles.shape == (unit.seq_len, 4)
+    tables = unit.rotary_tables(8)
+    assert (tables is None) == (angles is None)
+    if tables is not None:
+        assert all(t.shape == (unit.seq_len, 4) for t in tables)
+        assert (tables[0].square() + tables[1].square()).max() <= 1 + 1e-6  # rotations, or zero
 
     codes = _random_codes(tokenizer, 3, seed=0)
     targets = unit.targets(codes)
     assert targets.shape == (3, unit.seq_len) and targets.dtype == torch.int64
     inputs = unit.teacher_forcing(codes, tokenizer)
-    assert inputs.shape == (3, unit.seq_len - lengths[0], tokenizer.code_dim)
+    assert inputs.shape == _inputs_shape(unit, tokenizer, 3, unit.seq_len - lengths[0])
+    assert inputs.is_floating_point() != unit.input_codes
+
+
+def _inputs_shape(unit, tokenizer, b: int, n: int) -> tuple[int, ...]:
+    """What a unit feeds for ``n`` positions: codes ``(b, n)`` or features ``(b, n, c)``."""
+    return (b, n) if unit.input_codes else (b, n, tokenizer.code_dim)
 
 
 @pytest.mark.parametrize(("name", "options", "tok"), CASES)
 def test_parameters_are_all_used_and_trainable(name, options, tok):
     unit, _ = _build(name, options, tok)
-    loss = unit.start_embedding().square().sum() + unit.position_embedding().square().sum()
     params = [p for p in unit.parameters() if p.requires_grad]
+    if not params:  # e.g. LlamaGen's layout: no start embedding, positions by rotation
+        return
+    loss = unit.start_embedding().square().sum() + unit.position_embedding().square().sum()
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     unused = [n for (n, _), g in zip(unit.named_parameters(), grads) if g is None]
     assert not unused, f"parameters that reach no embedding: {unused}"
@@ -145,11 +160,11 @@ def test_teacher_forcing_equals_generation_step_by_step(name, options, tok, seed
             if step == len(unit.step_lengths) - 1:
                 assert nxt is None, "the last step must return None"
             else:
-                assert nxt.shape == (b, unit.step_lengths[step + 1], tokenizer.code_dim)
+                assert nxt.shape == _inputs_shape(unit, tokenizer, b, unit.step_lengths[step + 1])
                 fed.append(nxt)
         f_hat = unit.finish_generation(state, tokenizer)
         generated = unit.generated_codes(state)
-    fed = torch.cat(fed, dim=1) if fed else expected.new_zeros(b, 0, tokenizer.code_dim)
+    fed = torch.cat(fed, dim=1) if fed else expected.new_zeros(_inputs_shape(unit, tokenizer, b, 0))
     torch.testing.assert_close(fed, expected, rtol=1e-5, atol=1e-5)
     assert [tuple(c.shape) for c in generated] == [tuple(c.shape) for c in codes]
     assert all(torch.equal(g, c) for g, c in zip(generated, codes))

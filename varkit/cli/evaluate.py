@@ -18,7 +18,7 @@ from varkit.errors import CheckpointError, EvaluationError
 from varkit.evaluate import evaluate, write_report
 from varkit.evaluate.fid import METRICS_FILE, check_report_path, write_json
 from varkit.evaluate.image_sets import ImageSet, LoaderSet, open_image_set
-from varkit.loading import recipe_of
+from varkit.loading import checkpoint_dir, recipe_of
 from varkit.pipeline import load
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,11 @@ def add_commands(sub: argparse._SubParsersAction, commands: dict) -> None:
         "--top-p 0.96. Samples and metrics.json go to RUN/eval/<checkpoint>-fid<N>-<options digest>/ "
         "unless --samples-dir says otherwise.",
     )
-    p.add_argument("checkpoint", help="run directory, checkpoint directory, or `varkit import` output")
+    p.add_argument(
+        "checkpoint",
+        help="pretrained directory (`varkit import`, save_pretrained), run or checkpoint directory, "
+        "or Hub repository id",
+    )
     p.add_argument(
         "overrides",
         nargs="*",
@@ -115,10 +119,7 @@ def _validation_data(args: argparse.Namespace) -> DataConfig:
     A stored recipe is someone else's file: the data layer refuses its ``pipe:`` patterns
     and its cache directory unless the overrides give them again.
     """
-    step_dir = latest_checkpoint(Path(args.checkpoint))
-    if step_dir is None:
-        raise CheckpointError(f"no checkpoint found at {args.checkpoint}")
-    return recipe_of(step_dir, overrides=args.overrides).data
+    return recipe_of(checkpoint_dir(args.checkpoint), overrides=args.overrides).data
 
 
 def _validation_set(args: argparse.Namespace) -> ImageSet:

@@ -15,15 +15,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from varkit.checkpoint import latest_checkpoint
 from varkit.config_types import Problem, field_types, structure
 from varkit.defaults import SMOOTH_SAMPLER
-from varkit.errors import CheckpointError, EvaluationError, VarkitError
-from varkit.loading import Loaded, load_checkpoint, recipe_of
+from varkit.errors import EvaluationError, VarkitError
+from varkit.loading import Loaded, checkpoint_dir, class_names_of, load_pretrained, recipe_of, resolve_classes
 from varkit.pipeline import Pipeline
 from varkit.plugins import registry
 from varkit.recipe import parse_override
-from varkit.sampling import DTYPES, SamplePlan, parse_classes, sample_to_dir
+from varkit.sampling import DTYPES, SamplePlan, sample_to_dir
 from varkit.train.distributed import DistEnv, env_from_torchrun, init_distributed
 
 log = logging.getLogger(__name__)
@@ -40,7 +39,11 @@ def add_commands(sub: argparse._SubParsersAction, commands: dict) -> None:
         "the same command again to resume a killed run. Example (VAR's FID protocol): varkit sample RUN "
         "--classes 0-999 --per-class 50 --cfg 1.5 --top-k 900 --top-p 0.96 --out samples/",
     )
-    p.add_argument("checkpoint", help="run directory, checkpoint directory, or `varkit import` output")
+    p.add_argument(
+        "checkpoint",
+        help="pretrained directory (`varkit import`, save_pretrained), run or checkpoint directory, "
+        "or Hub repository id",
+    )
     p.add_argument(
         "--out", required=True, help="output directory (created when missing; resumed when it exists)"
     )
@@ -57,7 +60,9 @@ def add_commands(sub: argparse._SubParsersAction, commands: dict) -> None:
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     """The options that decide a sample set (shared by ``sample`` and ``eval --fid``)."""
     p.add_argument(
-        "--classes", help="class indices and ranges, e.g. 0-999 or 0,5,10-19 (default: every class)"
+        "--classes",
+        help="class indices, ranges or names (from the model's classes.json), e.g. 0-999, 0,5,10-19 or "
+        "cat,dog (default: every class)",
     )
     p.add_argument("--num", type=int, help="images in all; must split evenly over the classes")
     p.add_argument("--per-class", type=int, help="images of each class")
@@ -205,7 +210,7 @@ def make_sampler(pipe: Pipeline, args: argparse.Namespace):
 
 
 def load_for_sampling(args: argparse.Namespace, env: DistEnv) -> tuple[Pipeline, Loaded]:
-    loaded = load_checkpoint(args.checkpoint, ema=not args.no_ema)
+    loaded = load_pretrained(args.checkpoint, ema=not args.no_ema)
     return Pipeline.from_loaded(loaded, device=env.device), loaded
 
 
@@ -217,14 +222,10 @@ def checkpoint_source(loaded: Loaded, ema: bool) -> dict[str, Any]:
 def plan_of(args: argparse.Namespace) -> SamplePlan:
     """The plan the arguments describe, checked against the checkpoint's recipe before
     its weights are read (as are the sampler options)."""
-    step_dir = latest_checkpoint(Path(args.checkpoint))
-    if step_dir is None:
-        raise CheckpointError(
-            f"no checkpoint found at {args.checkpoint}: expected a run directory with checkpoints/latest, "
-            "a checkpoint directory, or the output of `varkit import`"
-        )
+    step_dir = checkpoint_dir(args.checkpoint)
     recipe = recipe_of(step_dir)
-    classes = parse_classes(args.classes, recipe.model.num_classes)
+    num_classes = recipe.model.num_classes
+    classes = resolve_classes(args.classes, class_names_of(step_dir, num_classes), num_classes)
     plan = SamplePlan.make(
         classes, num=args.num, per_class=args.per_class, seed=args.seed, batch_size=args.batch_size
     )

@@ -51,14 +51,14 @@ import torch
 
 from varkit import recipe as recipe_mod
 from varkit.build import build_model
-from varkit.checkpoint import save_checkpoint
 from varkit.config_types import unstructure
 from varkit.defaults import DEFAULT_PLUGINS, OFFICIAL_VAR_SAMPLER
 from varkit.errors import CheckpointError
-from varkit.loading import Loaded
+from varkit.loading import Loaded, save_pretrained
 from varkit.model.transformer import ModelConfig
 from varkit.plugins import registry
-from varkit.weights import load_state, read_state_dict
+from varkit.pretrained import ModelCard
+from varkit.weights import describe_release, load_state, read_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -311,6 +311,13 @@ def read_release(vae_ckpt: str | os.PathLike, var_ckpt: str | os.PathLike) -> Lo
     """
     vae_state = read_state_dict(vae_ckpt, "VAE checkpoint")
     var_state = read_state_dict(var_ckpt, "VAR checkpoint")
+    for flag, path, state, expected in (
+        ("--vae", vae_ckpt, vae_state, "VAR's multi-scale VQ-VAE"),
+        ("--var", var_ckpt, var_state, "an official VAR transformer"),
+    ):
+        what = describe_release(state)
+        if what is not None and not what.startswith(expected):
+            raise CheckpointError(f"{flag} {path} is not {expected}: it looks like {what}")
     tokenizer = registry().get("tokenizer", "msvq").from_release(vae_state)
     model_config = official_model_config(var_state)
     recipe = recipe_mod.from_dict(official_recipe(tokenizer.config, model_config), source=str(var_ckpt))
@@ -324,18 +331,40 @@ def read_release(vae_ckpt: str | os.PathLike, var_ckpt: str | os.PathLike) -> Lo
     return Loaded(tokenizer=tokenizer, model=model.eval(), recipe=recipe, source=Path(var_ckpt))
 
 
-def import_release(vae_ckpt: str | os.PathLike, var_ckpt: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Write the official files as a varkit checkpoint directory (``varkit import var``)."""
-    loaded = read_release(vae_ckpt, var_ckpt)
-    out = Path(out)
-    recipe = loaded.recipe.to_dict()
-    recipe["out_dir"] = str(out)
-    path = save_checkpoint(
-        out,
-        0,
-        weights={"model": loaded.model.state_dict(), "tokenizer": loaded.tokenizer.state_dict()},
-        trainer_state={},
-        recipe=recipe,
+#: FID-50k on ImageNet 256×256 (VAR README, cfg 1.5, top-k 900, top-p 0.96) by depth.
+RELEASE_FID = {16: "3.55", 20: "2.95", 24: "2.33", 30: "1.97"}
+SOURCE = "https://huggingface.co/FoundationVision/var"
+PAPER = "Tian et al., Visual Autoregressive Modeling: Scalable Image Generation via Next-Scale Prediction, arXiv 2404.02905"
+
+
+def release_card(vae_ckpt: str | os.PathLike, var_ckpt: str | os.PathLike, loaded: Loaded) -> ModelCard:
+    """The model card of a converted official VAR release."""
+    depth = loaded.model.config.depth
+    metrics = {}
+    if depth in RELEASE_FID:
+        metrics["FID-50k, ImageNet 256×256 (cfg 1.5, top-k 900, top-p 0.96)"] = (
+            f"{RELEASE_FID[depth]} (VAR README)"
+        )
+    return ModelCard(
+        title=f"VAR-d{depth} (ImageNet 256×256, class-conditional)",
+        summary=(
+            f"The official VAR-d{depth}: next-scale prediction over the ten scales of VAR's multi-scale "
+            "VQ-VAE (1×1 to 16×16 codes), AdaLN class conditioning; 1000 ImageNet classes."
+        ),
+        license="mit",
+        source=f"{SOURCE}/resolve/main/{Path(var_ckpt).name} with {Path(vae_ckpt).name}",
+        conversion=(
+            f"`varkit import var` from {Path(vae_ckpt).name} + {Path(var_ckpt).name}: read with "
+            "torch.load(weights_only=True); VQ-VAE keys as they are; transformer keys renamed (two reshaped); "
+            "the buffers lvl_1L, attn_bias_for_masking and zero_k_bias checked and dropped; every key consumed."
+        ),
+        metrics=metrics,
+        paper=PAPER,
+        tags=("var", "imagenet"),
     )
-    log.info("wrote %s", path)
-    return path
+
+
+def import_release(vae_ckpt: str | os.PathLike, var_ckpt: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Write the official files as a pretrained directory (``varkit import var``)."""
+    loaded = read_release(vae_ckpt, var_ckpt)
+    return save_pretrained(loaded, out, card=release_card(vae_ckpt, var_ckpt, loaded))

@@ -1,12 +1,23 @@
-"""The class-conditional AdaLN transformer that every prediction unit drives.
+"""The class-conditional transformer that every prediction unit drives.
 
-The model is VAR's (arXiv 2404.02905) with its options exposed: a stack of AdaLN blocks
-whose scales, shifts and gates come from the class embedding, attention with
-l2-normalised queries and keys and a learned per-head temperature, and an AdaLN head.
+By default the model is VAR's (arXiv 2404.02905): a stack of AdaLN blocks whose scales,
+shifts and gates come from the class embedding, attention with l2-normalised queries
+and keys and a learned per-head temperature, and an AdaLN head. Its options are
+orthogonal and give LlamaGen's GPT (arXiv 2406.06525) as well:
+
+| option | VAR | LlamaGen |
+| --- | --- | --- |
+| ``conditioning`` | ``adaln``: the class modulates every block | ``prefix``: ``class_tokens`` class tokens start the sequence |
+| ``norm`` | ``layernorm`` | ``rmsnorm`` |
+| ``mlp`` | ``gelu`` | ``swiglu`` (hidden ``2/3·4d`` rounded up to ``mlp_multiple_of``) |
+| ``bias`` | q/v, projection, MLP, input and head biases | none |
+| ``attn_l2_norm`` | on | off (softmax scale ``hd^-0.5``) |
+| ``init_std``, ``scale_residual_init``, ``head_init`` | ``sqrt(1/3d)``, on, 0.02 | 0.02, off, 0 |
+
 It never looks at which unit it serves: the sequence layout (``unit.step_lengths``),
-the mask (``unit.mask()``), the start and position embeddings and optional rotary
-angles all come from the unit, which is a submodule (``model.unit``) because it owns
-those embeddings.
+the mask (``unit.mask()``), the start and position embeddings, the rotary tables and
+whether a position is fed code features or the codes themselves all come from the
+unit, which is a submodule (``model.unit``) because it owns those embeddings.
 
 Shapes use the varkit glossary: ``b`` batch, ``l`` positions, ``nh`` heads, ``hd``
 head dim, ``d`` width, ``c`` code channels, ``v`` vocabulary.
@@ -15,6 +26,7 @@ head dim, ``d`` width, ``c`` code channels, ``v`` vocabulary.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import attrs
 import torch
@@ -97,8 +109,56 @@ class ModelConfig:
     #: Multiplier of the AdaLN gate rows at init, so each block starts near identity
     #: (VAR's ``alng``: 1e-3 for d16/d20, 1e-4 for d24, 1e-5 for d30).
     adaln_gamma_init: float = attrs.field(default=1e-3, validator=V.non_negative)
-    #: Multiplier of the output head's weights at init: near-uniform first logits (VAR: 0.02).
+    #: Multiplier of the output head's weights at init: near-uniform first logits (VAR: 0.02;
+    #: LlamaGen: 0, a zero head).
     head_init: float = attrs.field(default=0.02, validator=V.non_negative)
+
+    # -- architecture options (VAR's values by default; LlamaGen's in brackets) ---------
+    #: How the class conditions the model: "adaln" modulates every block with it (VAR);
+    #: "prefix" puts ``class_tokens`` class tokens at the start of the sequence and uses
+    #: plain norms with learned gains (LlamaGen).
+    conditioning: Literal["adaln", "prefix"] = attrs.field(
+        default="adaln", validator=attrs.validators.in_(("adaln", "prefix"))
+    )
+    #: Class tokens in front of the sequence with ``conditioning: prefix`` (LlamaGen's
+    #: ``cls_token_num``; its class-conditional models use 1). The last one is the unit's
+    #: step 0; the others are extra positions whose outputs are not predictions.
+    class_tokens: int = attrs.field(default=1, validator=V.positive)
+    #: Normalisation in the blocks and before the head: "layernorm" (VAR) or "rmsnorm" (LlamaGen).
+    norm: Literal["layernorm", "rmsnorm"] = attrs.field(
+        default="layernorm", validator=attrs.validators.in_(("layernorm", "rmsnorm"))
+    )
+    #: MLP of the blocks: "gelu" (Linear, tanh-GELU, Linear; VAR) or "swiglu" (a SiLU-gated
+    #: unit with 2/3 of the hidden width, as in Llama and LlamaGen).
+    mlp: Literal["gelu", "swiglu"] = attrs.field(
+        default="gelu", validator=attrs.validators.in_(("gelu", "swiglu"))
+    )
+    #: The MLP hidden width is rounded up to a multiple of this (VAR: 1, no rounding; LlamaGen: 256).
+    mlp_multiple_of: int = attrs.field(default=1, validator=V.positive)
+    #: Biases in the linears: q/v biases, attention projection, MLP, input and head (VAR: on;
+    #: LlamaGen: off, no bias anywhere).
+    bias: bool = True
+    #: Dropout of the input embeddings, the class tokens included (LlamaGen's token dropout: 0.1).
+    token_dropout: float = attrs.field(default=0.0, validator=V.probability)
+    #: Std of the initial linears and embeddings; null means VAR's ``sqrt(1 / (3 d))``
+    #: (LlamaGen: 0.02).
+    init_std: float | None = attrs.field(default=None, validator=V.positive)
+    #: Divide the initial attention-output and MLP-output weights by ``sqrt(2 · depth)`` so
+    #: the residual stream does not grow with depth (VAR: on; LlamaGen: off).
+    scale_residual_init: bool = True
+
+    def __attrs_post_init__(self):
+        # width, heads and drop_path are resolved by their converters; what remains are
+        # checks between options.
+        if self.conditioning == "adaln" and self.class_tokens != 1:
+            raise ValueError(
+                f"model.class_tokens is {self.class_tokens} but conditioning is 'adaln', which uses one "
+                "class embedding; set conditioning: prefix for a prefix of class tokens"
+            )
+        if self.conditioning == "prefix" and self.shared_adaln:
+            raise ValueError(
+                "model.shared_adaln needs conditioning: adaln (prefix conditioning has no AdaLN)"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -107,8 +167,21 @@ class ModelConfig:
 
     @property
     def mlp_hidden(self) -> int:
-        """Hidden width of each block's MLP."""
-        return round(self.width * self.mlp_ratio)
+        """Hidden width of each block's MLP.
+
+        ``width · mlp_ratio`` for GELU; for SwiGLU 2/3 of it (its three matrices then
+        hold as many parameters as GELU's two), as Llama and LlamaGen do. Either is
+        rounded up to a multiple of ``mlp_multiple_of``.
+        """
+        hidden = round(self.width * self.mlp_ratio)
+        if self.mlp == "swiglu":
+            hidden = int(2 * hidden / 3)
+        return -(-hidden // self.mlp_multiple_of) * self.mlp_multiple_of
+
+    @property
+    def prefix(self) -> int:
+        """Positions in front of the unit's sequence: the class tokens beyond the first."""
+        return self.class_tokens - 1 if self.conditioning == "prefix" else 0
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -117,6 +190,34 @@ class ModelConfig:
 def _modulate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """AdaLN: ``x (b, l, d)`` scaled by ``1 + scale`` and shifted, ``scale, shift (b, 1, d)``."""
     return x * (1 + scale) + shift
+
+
+def _norm(x: torch.Tensor, kind: str, eps: float) -> torch.Tensor:
+    """LayerNorm or RMSNorm of ``x (b, l, d)`` over ``d`` without affine parameters.
+
+    RMSNorm runs in float32 and returns ``x``'s dtype (as LlamaGen's does under autocast).
+    """
+    if kind == "rmsnorm":
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return F.layer_norm(x, (x.shape[-1],), eps=eps)
+
+
+class Norm(nn.Module):
+    """LayerNorm or RMSNorm with a learned gain (and, for LayerNorm with biases, a shift)."""
+
+    def __init__(self, width: int, *, kind: str, eps: float, bias: bool):
+        super().__init__()
+        self.kind, self.eps = kind, eps
+        self.weight = nn.Parameter(torch.empty(width))
+        self.bias = nn.Parameter(torch.empty(width)) if bias and kind == "layernorm" else None
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, {self.weight.shape[0]}, eps={self.eps:g}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = _norm(x, self.kind, self.eps) * self.weight
+        return out if self.bias is None else out + self.bias
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -147,21 +248,22 @@ class DropPath(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention with VAR's biases and optional l2-normalised q and k.
 
-    ``qkv`` has no bias of its own: queries and values get learned biases, keys none
-    (a key bias shifts every score of a query equally, so softmax ignores it).
+    ``qkv`` has no bias of its own: with ``bias``, queries and values get learned
+    biases and keys none (a key bias shifts every score of a query equally, so softmax
+    ignores it); without, there is none at all (LlamaGen).
     """
 
-    def __init__(self, width: int, heads: int, *, l2_norm: bool, dropout: float):
+    def __init__(self, width: int, heads: int, *, l2_norm: bool, dropout: float, bias: bool = True):
         super().__init__()
         self.heads, self.head_dim = heads, width // heads
         self.l2_norm = l2_norm
         self.qkv = nn.Linear(width, 3 * width, bias=False)
-        self.q_bias = nn.Parameter(torch.empty(width))
-        self.v_bias = nn.Parameter(torch.empty(width))
+        self.q_bias = nn.Parameter(torch.empty(width)) if bias else None
+        self.v_bias = nn.Parameter(torch.empty(width)) if bias else None
         # Per-head log temperature; only with l2-normalised q and k, whose scores would
         # otherwise be stuck in [-1, 1].
         self.scale_mul = nn.Parameter(torch.empty(heads)) if l2_norm else None
-        self.proj = nn.Linear(width, width)
+        self.proj = nn.Linear(width, width, bias=bias)
         self.drop = nn.Dropout(dropout)
 
     def forward(
@@ -176,7 +278,9 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """``x (b, l, d) -> (b, l, d)``; with a cache, keys/values are appended to it first."""
         b, l, d = x.shape
-        bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
+        bias = None
+        if self.q_bias is not None:
+            bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
         qkv = F.linear(x, self.qkv.weight, bias).view(b, l, 3, self.heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (b, nh, l, hd)
         if self.l2_norm:
@@ -200,38 +304,69 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """Linear -> tanh-GELU -> Linear, with dropout after each."""
 
-    def __init__(self, width: int, hidden: int, *, dropout: float):
+    def __init__(self, width: int, hidden: int, *, dropout: float, bias: bool = True):
         super().__init__()
-        self.fc1 = nn.Linear(width, hidden)
-        self.fc2 = nn.Linear(hidden, width)
+        self.fc1 = nn.Linear(width, hidden, bias=bias)
+        self.fc2 = nn.Linear(hidden, width, bias=bias)
         self.drop = nn.Dropout(dropout)
+
+    @property
+    def out(self) -> nn.Linear:
+        """The linear that writes into the residual stream."""
+        return self.fc2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x), approximate="tanh"))))
 
 
-class Block(nn.Module):
-    """One AdaLN transformer block.
+class SwiGLU(nn.Module):
+    """``down(silu(gate(x)) · up(x))`` with dropout on the output (Llama's MLP, LlamaGen's)."""
 
-    With modulation ``(gamma1, gamma2, scale1, scale2, shift1, shift2)`` from the class:
-    ``x += gamma1 · attn(LN(x)·(1+scale1)+shift1)`` then
-    ``x += gamma2 · mlp(LN(x)·(1+scale2)+shift2)``, LN without affine parameters.
+    def __init__(self, width: int, hidden: int, *, dropout: float, bias: bool = True):
+        super().__init__()
+        self.gate = nn.Linear(width, hidden, bias=bias)
+        self.up = nn.Linear(width, hidden, bias=bias)
+        self.down = nn.Linear(hidden, width, bias=bias)
+        self.drop = nn.Dropout(dropout)
+
+    @property
+    def out(self) -> nn.Linear:
+        """The linear that writes into the residual stream."""
+        return self.down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.down(F.silu(self.gate(x)) * self.up(x)))
+
+
+class Block(nn.Module):
+    """One transformer block, conditioned by AdaLN or (prefix conditioning) not at all.
+
+    AdaLN: with modulation ``(gamma1, gamma2, scale1, scale2, shift1, shift2)`` from the
+    class, ``x += gamma1 · attn(N(x)·(1+scale1)+shift1)`` then
+    ``x += gamma2 · mlp(N(x)·(1+scale2)+shift2)``, the norm N without affine parameters.
+    Prefix conditioning (the class is a token of the sequence): ``x += attn(norm1(x))``
+    then ``x += mlp(norm2(x))``, the norms with learned gains.
     """
 
     def __init__(self, config: ModelConfig, *, drop_path: float):
         super().__init__()
         d = config.width
-        self.norm_eps = config.norm_eps
-        self.attn = Attention(d, config.heads, l2_norm=config.attn_l2_norm, dropout=config.dropout)
-        self.mlp = MLP(d, config.mlp_hidden, dropout=config.dropout)
+        self.norm_eps, self.norm_kind = config.norm_eps, config.norm
+        self.attn = Attention(
+            d, config.heads, l2_norm=config.attn_l2_norm, dropout=config.dropout, bias=config.bias
+        )
+        mlp = SwiGLU if config.mlp == "swiglu" else MLP
+        self.mlp = mlp(d, config.mlp_hidden, dropout=config.dropout, bias=config.bias)
         self.drop_path = DropPath(drop_path)
-        if config.shared_adaln:
-            self.adaln = None
+        self.adaln = self.adaln_offset = self.norm1 = self.norm2 = None
+        if config.conditioning == "prefix":
+            self.norm1 = Norm(d, kind=config.norm, eps=config.norm_eps, bias=config.bias)
+            self.norm2 = Norm(d, kind=config.norm, eps=config.norm_eps, bias=config.bias)
+        elif config.shared_adaln:
             # Learned per-block offset added to the shared modulation (6, d).
             self.adaln_offset = nn.Parameter(torch.empty(6, d))
         else:
             self.adaln = nn.Linear(d, 6 * d)  # applied to SiLU(class embedding)
-            self.adaln_offset = None
 
     def modulation(self, cond: torch.Tensor, shared: torch.Tensor | None) -> torch.Tensor:
         """``(b, 1, 6, d)`` from SiLU(class embedding) ``(b, d)`` or the shared ``(b, 1, 6, d)``."""
@@ -239,12 +374,14 @@ class Block(nn.Module):
             return shared + self.adaln_offset
         return self.adaln(cond).unflatten(-1, (6, -1)).unsqueeze(1)
 
-    def forward(self, x: torch.Tensor, modulation: torch.Tensor, **attn_kwargs) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, modulation: torch.Tensor | None, **attn_kwargs) -> torch.Tensor:
+        if modulation is None:  # prefix conditioning
+            x = x + self.drop_path(self.attn(self.norm1(x), **attn_kwargs))
+            return x + self.drop_path(self.mlp(self.norm2(x)))
         gamma1, gamma2, scale1, scale2, shift1, shift2 = modulation.unbind(2)  # each (b, 1, d)
-        d = x.shape[-1]
-        h = _modulate(F.layer_norm(x, (d,), eps=self.norm_eps), scale1, shift1)
+        h = _modulate(_norm(x, self.norm_kind, self.norm_eps), scale1, shift1)
         x = x + self.drop_path(self.attn(h, **attn_kwargs) * gamma1)
-        h = _modulate(F.layer_norm(x, (d,), eps=self.norm_eps), scale2, shift2)
+        h = _modulate(_norm(x, self.norm_kind, self.norm_eps), scale2, shift2)
         return x + self.drop_path(self.mlp(h) * gamma2)
 
 
@@ -261,6 +398,11 @@ class ARModel(nn.Module):
         attention: the attention backend used for training and for cached steps.
         vocab_size: codes ``v`` the head predicts.
         code_dim: channels ``c`` of the unit's input features.
+
+    The input of step 0 is the (last) class token plus the unit's start embedding; a
+    unit that feeds features (``unit.input_codes`` false, VAR) has them projected by
+    ``word_embed``, a ``Linear(c, d)``; a unit that feeds codes (LlamaGen) has them
+    looked up in ``word_embed``, an ``Embedding(v, d)`` of the model's own.
 
     Parameters are built on the meta device and initialised once, explicitly, on the
     current default device (`reset_parameters`), so large depths build quickly and
@@ -282,20 +424,35 @@ class ARModel(nn.Module):
         self.vocab_size, self.code_dim = vocab_size, code_dim
         self.unit = unit
         self.step_lengths = tuple(unit.step_lengths)
-        #: First position of each step, and the sequence length at the end.
-        self.step_starts = tuple(sum(self.step_lengths[:s]) for s in range(len(self.step_lengths) + 1))
+        #: Class tokens in front of the unit's sequence (prefix conditioning with more than one).
+        self.prefix = config.prefix
+        #: First position of each step in the model's sequence (the prefix belongs to step 0),
+        #: and the sequence length at the end.
+        ends = [self.prefix + sum(self.step_lengths[: s + 1]) for s in range(len(self.step_lengths))]
+        self.step_starts = (0, *ends)
         d = config.width
+        self.input_codes = bool(getattr(unit, "input_codes", False))
         self._check_rotary(unit, config.head_dim)
         device = torch.get_default_device()
         # Drop-path rates rise linearly from 0 at the first block to config.drop_path.
         rates = [config.drop_path * i / max(1, config.depth - 1) for i in range(config.depth)]
+        adaln = config.conditioning == "adaln"
         with torch.device("meta"):  # nothing is allocated or initialised twice
-            self.class_embed = nn.Embedding(config.num_classes + 1, d)  # last row: "no class"
-            self.word_embed = nn.Linear(code_dim, d)
+            # Last row: "no class". With prefix conditioning a class is class_tokens tokens.
+            self.class_embed = nn.Embedding(config.num_classes + 1, d * config.class_tokens)
+            if self.input_codes:
+                self.word_embed = nn.Embedding(vocab_size, d)
+            else:
+                self.word_embed = nn.Linear(code_dim, d, bias=config.bias)
+            self.token_drop = nn.Dropout(config.token_dropout)
             self.shared_adaln = nn.Linear(d, 6 * d) if config.shared_adaln else None
             self.blocks = nn.ModuleList(Block(config, drop_path=r) for r in rates)
-            self.head_adaln = nn.Linear(d, 2 * d)  # -> scale, shift of the final LN
-            self.head = nn.Linear(d, vocab_size)
+            # The head's norm: AdaLN (scale and shift from the class) or a learned gain.
+            self.head_adaln = nn.Linear(d, 2 * d) if adaln else None
+            self.head_norm = (
+                None if adaln else Norm(d, kind=config.norm, eps=config.norm_eps, bias=config.bias)
+            )
+            self.head = nn.Linear(d, vocab_size, bias=config.bias)
         for name, child in self.named_children():
             if name != "unit":
                 child.to_empty(device=device)
@@ -303,37 +460,39 @@ class ARModel(nn.Module):
 
     @staticmethod
     def _check_rotary(unit: PredictionUnit, head_dim: int) -> None:
-        """Refuse at build time a unit whose rotary angles cannot fit the heads."""
+        """Refuse at build time a unit whose rotary tables cannot fit the heads."""
         try:
-            angles = unit.rotary_angles(head_dim)
+            tables = unit.rotary_tables(head_dim)
         except ValueError as exc:
             raise VarkitError(
                 f"unit {unit.name!r} cannot rotate heads of {head_dim} channels: {exc}; "
                 "change model.width or model.heads"
             ) from None
         expected = (unit.seq_len, head_dim // 2)
-        if angles is not None and (head_dim % 2 or tuple(angles.shape) != expected):
+        if tables is not None and (head_dim % 2 or any(tuple(t.shape) != expected for t in tables)):
             raise VarkitError(
-                f"unit {unit.name!r} gives rotary angles {tuple(angles.shape)} for heads of {head_dim} "
-                f"channels; the model needs an even head dim and angles {expected}"
+                f"unit {unit.name!r} gives rotary tables {[tuple(t.shape) for t in tables]} for heads of "
+                f"{head_dim} channels; the model needs an even head dim and tables {expected}"
             )
 
     # -- init ---------------------------------------------------------------------
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """VAR's initialisation of every parameter outside the unit.
+        """The initialisation of every parameter outside the unit (VAR's by default).
 
-        Linears and embeddings: truncated normal with std ``sqrt(1/(3d))``, zero biases
-        (truncated at ±2 in absolute value, as VAR does and as the units' embeddings
-        are: with a std near 0.02 the cut never bites). Head weights × ``head_init``.
-        AdaLN output weights × 0.5, except the gate rows (gamma1, gamma2), which are ×
-        ``adaln_gamma_init`` so each block starts close to the identity. Attention ``proj`` and MLP ``fc2`` weights ÷
-        ``sqrt(2·depth)`` so the residual stream's variance does not grow with depth.
-        q/v biases zero; attention temperature ``exp(scale_mul)`` = 4.
+        Linears and embeddings: truncated normal with std ``init_std`` (VAR's
+        ``sqrt(1/(3d))`` when null; truncated at ±2 in absolute value, as VAR does and
+        as the units' embeddings are: with a std near 0.02 the cut never bites), zero
+        biases. Head weights × ``head_init``. AdaLN output weights × 0.5, except the
+        gate rows (gamma1, gamma2), which are × ``adaln_gamma_init`` so each block starts
+        close to the identity. With ``scale_residual_init``, attention ``proj`` and MLP
+        output weights ÷ ``sqrt(2·depth)`` so the residual stream's variance does not
+        grow with depth. Norm gains 1, shifts 0; q/v biases zero; attention temperature
+        ``exp(scale_mul)`` = 4.
         """
         cfg = self.config
         d = cfg.width
-        std = math.sqrt(1 / (3 * d))
+        std = cfg.init_std if cfg.init_std is not None else math.sqrt(1 / (3 * d))
         for name, module in self.named_modules():
             if name == "unit" or name.startswith("unit."):
                 continue
@@ -341,17 +500,26 @@ class ARModel(nn.Module):
                 nn.init.trunc_normal_(module.weight, std=std, a=-2.0, b=2.0)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
+            elif isinstance(module, Norm):
+                nn.init.ones_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
         self.head.weight.mul_(cfg.head_init)
-        self.head_adaln.weight.mul_(0.5)
-        adalns = [self.shared_adaln] if cfg.shared_adaln else [b.adaln for b in self.blocks]
+        if self.head_adaln is not None:
+            self.head_adaln.weight.mul_(0.5)
+        adalns = (
+            [self.shared_adaln] if cfg.shared_adaln else [b.adaln for b in self.blocks if b.adaln is not None]
+        )
         for lin in adalns:
             lin.weight[: 2 * d].mul_(cfg.adaln_gamma_init)
             lin.weight[2 * d :].mul_(0.5)
         for block in self.blocks:
-            block.attn.proj.weight.div_(math.sqrt(2 * cfg.depth))
-            block.mlp.fc2.weight.div_(math.sqrt(2 * cfg.depth))
-            nn.init.zeros_(block.attn.q_bias)
-            nn.init.zeros_(block.attn.v_bias)
+            if cfg.scale_residual_init:
+                block.attn.proj.weight.div_(math.sqrt(2 * cfg.depth))
+                block.mlp.out.weight.div_(math.sqrt(2 * cfg.depth))
+            if block.attn.q_bias is not None:
+                nn.init.zeros_(block.attn.q_bias)
+                nn.init.zeros_(block.attn.v_bias)
             if block.attn.scale_mul is not None:
                 block.attn.scale_mul.fill_(INIT_SCALE_MUL)
             if block.adaln_offset is not None:
@@ -359,8 +527,13 @@ class ARModel(nn.Module):
                 block.adaln_offset[:2].mul_(cfg.adaln_gamma_init)
 
     # -- pieces shared by training and generation ------------------------------------
-    def _modulations(self, cond: torch.Tensor) -> list[torch.Tensor]:
-        """AdaLN modulation of every block ``(b, 1, 6, d)`` and of the head ``(b, 1, 2, d)``."""
+    def _modulations(self, cond: torch.Tensor) -> list[torch.Tensor | None]:
+        """AdaLN modulation of every block ``(b, 1, 6, d)`` and of the head ``(b, 1, 2, d)``.
+
+        With prefix conditioning there is none: a None for every block and the head.
+        """
+        if self.head_adaln is None:
+            return [None] * (len(self.blocks) + 1)
         cond = F.silu(cond)  # (b, d)
         shared = None
         if self.shared_adaln is not None:
@@ -369,20 +542,67 @@ class ARModel(nn.Module):
         mods.append(self.head_adaln(cond).unflatten(-1, (2, -1)).unsqueeze(1))
         return mods
 
-    def _logits(self, x: torch.Tensor, modulation: torch.Tensor) -> torch.Tensor:
-        """Final AdaLN and head: ``(b, l, d) -> (b, l, v)`` float32."""
+    def _logits(self, x: torch.Tensor, modulation: torch.Tensor | None) -> torch.Tensor:
+        """Final norm and head: ``(b, l, d) -> (b, l, v)`` float32."""
+        if modulation is None:
+            return self.head(self.head_norm(x.float())).float()
         scale, shift = modulation.unbind(2)
-        x = _modulate(F.layer_norm(x.float(), (x.shape[-1],), eps=self.config.norm_eps), scale, shift)
+        x = _modulate(_norm(x.float(), self.config.norm, self.config.norm_eps), scale, shift)
         return self.head(x).float()
 
+    def _class_tokens(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The class embedding ``(b, class_tokens · d)`` and the sequence's start ``(b, prefix + l_0, d)``.
+
+        The last class token plus the unit's start embedding is step 0's input; the other
+        class tokens (prefix conditioning) come before it.
+        """
+        cond = self.class_embed(labels)  # (b, n·d)
+        tokens = cond.unflatten(-1, (self.config.class_tokens, -1))  # (b, n, d)
+        start = tokens[:, -1:] + self.unit.start_embedding()  # (b, l_0, d)
+        if self.prefix:
+            start = torch.cat((tokens[:, :-1], start), dim=1)
+        return cond, start
+
+    def _positions(self) -> torch.Tensor:
+        """Position embeddings of the model's sequence ``(1, prefix + l, d)`` (none on the prefix)."""
+        pos = self.unit.position_embedding()  # (1, l, d)
+        if self.prefix:
+            pos = torch.cat((pos.new_zeros(1, self.prefix, pos.shape[-1]), pos), dim=1)
+        return pos
+
+    def _mask(self):
+        """The training mask; the extra class tokens see each other and step 0, as step 0 does."""
+        if not self.prefix:
+            return self.unit.mask()
+        return BlockCausal((self.prefix + self.step_lengths[0], *self.step_lengths[1:]))
+
     def _rotary(self, start: int, end: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
-        angles = self.unit.rotary_angles(self.config.head_dim)  # (l, hd/2) or None
-        if angles is None:
+        tables = self.unit.rotary_tables(self.config.head_dim)  # cos, sin (l, hd/2), or None
+        if tables is None:
             return None
-        angles = angles[start:end].to(device=device, dtype=torch.float32)
-        return angles.cos(), angles.sin()
+        out = []
+        for t in tables:
+            t = t.to(device=device, dtype=torch.float32)
+            if self.prefix:  # the extra class tokens are placed where step 0 is
+                t = torch.cat((t[:1].expand(self.prefix, -1), t), dim=0)
+            out.append(t[start:end])
+        return out[0], out[1]
+
+    def _embed_inputs(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The unit's inputs (features ``(b, n, c)`` or codes ``(b, n)``) -> ``(b, n, d)``."""
+        if self.input_codes:
+            return self.word_embed(inputs)
+        return self.word_embed(inputs.to(self.word_embed.weight.dtype))
 
     def _check_features(self, inputs: torch.Tensor, batch: int, length: int, what: str) -> None:
+        if self.input_codes:
+            if inputs.ndim != 2 or tuple(inputs.shape) != (batch, length) or inputs.is_floating_point():
+                raise VarkitError(
+                    f"{what} must be codes (b, l) = ({batch}, {length}) of an integer dtype, got "
+                    f"{tuple(inputs.shape)} {inputs.dtype}; this model's unit feeds codes "
+                    "(unit.teacher_forcing / unit.generation_step build them)"
+                )
+            return
         if inputs.ndim != 3 or tuple(inputs.shape) != (batch, length, self.code_dim):
             raise VarkitError(
                 f"{what} must be (b, l, c) = ({batch}, {length}, {self.code_dim}), got {tuple(inputs.shape)}; "
@@ -394,30 +614,31 @@ class ARModel(nn.Module):
         """Teacher-forced logits of the whole sequence.
 
         Args:
-            inputs: the unit's input features of steps 1.., ``(b, l - l_0, c)``
-                (``unit.teacher_forcing(codes, tokenizer)``).
+            inputs: the unit's inputs of steps 1.. (``unit.teacher_forcing(codes,
+                tokenizer)``): features ``(b, l - l_0, c)``, or codes ``(b, l - l_0)``
+                for a unit that feeds codes.
             labels: class indices ``(b,)`` in ``[0, num_classes]``; in training mode each
                 is replaced by "no class" with probability ``class_dropout``.
 
         Returns:
-            Logits ``(b, l, v)`` in float32.
+            Logits ``(b, l, v)`` in float32 (the extra class tokens predict nothing).
         """
         b = labels.shape[0]
-        l0, seq_len = self.step_lengths[0], self.step_starts[-1]
+        l0, seq_len = self.step_lengths[0], self.unit.seq_len
         self._check_features(inputs, b, seq_len - l0, "inputs")
         if self.training and self.config.class_dropout > 0:
             drop = torch.rand(b, device=labels.device) < self.config.class_dropout
             labels = torch.where(drop, self.config.num_classes, labels)
-        cond = self.class_embed(labels)  # (b, d)
-        start = cond.unsqueeze(1) + self.unit.start_embedding()  # (b, l_0, d)
-        words = self.word_embed(inputs.to(self.word_embed.weight.dtype))  # (b, l - l_0, d)
-        x = torch.cat((start.to(words.dtype), words), dim=1) + self.unit.position_embedding()  # (b, l, d)
+        cond, start = self._class_tokens(labels)  # (b, n·d), (b, prefix + l_0, d)
+        words = self._embed_inputs(inputs)  # (b, l - l_0, d)
+        x = torch.cat((start.to(words.dtype), words), dim=1) + self._positions()  # (b, prefix + l, d)
+        x = self.token_drop(x)
         mods = self._modulations(cond)
-        mask = self.unit.mask()
-        rotary = self._rotary(0, seq_len, x.device)
+        mask = self._mask()
+        rotary = self._rotary(0, self.step_starts[-1], x.device)
         for block, mod in zip(self.blocks, mods, strict=False):
             x = block(x, mod, backend=self.attention, mask=mask, rotary=rotary)
-        return self._logits(x, mods[-1])
+        return self._logits(x[:, self.prefix :], mods[-1])
 
     # -- generation ------------------------------------------------------------------------
     def new_cache(
@@ -441,13 +662,13 @@ class ARModel(nn.Module):
         """Logits of step ``step`` given the cache of the steps before.
 
         Args:
-            inputs: the step's input features ``(b, l_s, c)``; None at step 0, whose
-                input is the class embedding plus ``pos_start``.
+            inputs: the step's inputs, features ``(b, l_s, c)`` or codes ``(b, l_s)``; None
+                at step 0, whose input is the class embedding plus ``pos_start``.
             labels: class indices ``(b,)`` (no dropout here: pass ``num_classes`` for
                 the unconditional half of guidance).
             cache: from `new_cache`; step 0 needs it empty and stores in it the
                 AdaLN modulation of ``labels`` and the position embedding and rotary
-                angles, reused by the later steps.
+                tables, reused by the later steps.
             step: which step, ``0 <= step < len(unit.step_lengths)``, in order.
 
         Returns:
@@ -465,31 +686,31 @@ class ARModel(nn.Module):
         if step == 0:
             if inputs is not None:
                 raise VarkitError("step 0 takes no inputs (its input is the class embedding); pass None")
-            cond = self.class_embed(labels)
+            cond, x = self._class_tokens(labels)  # x: (b, prefix + l_0, d)
             # Constant over the generation: computed once, sliced by every step.
             cache.modulation = self._modulations(cond)
-            cache.positions = self.unit.position_embedding()  # (1, l, d)
+            cache.positions = self._positions()  # (1, prefix + l, d)
             cache.rotary = self._rotary(0, self.step_starts[-1], cond.device)
-            x = cond.unsqueeze(1) + self.unit.start_embedding()  # (b, l_0, d)
         else:
             if inputs is None:
-                raise VarkitError(f"step {step} needs its input features (b, {end - start}, c)")
+                raise VarkitError(f"step {step} needs its inputs ({b}, {end - start}, ...)")
             self._check_features(inputs, b, end - start, f"inputs of step {step}")
-            x = self.word_embed(inputs.to(self.word_embed.weight.dtype))  # (b, l_s, d)
+            x = self._embed_inputs(inputs)  # (b, l_s, d)
         x = x + cache.positions[:, start:end]
         rotary = None if cache.rotary is None else tuple(t[start:end] for t in cache.rotary)
         for i, (block, mod) in enumerate(zip(self.blocks, cache.modulation, strict=False)):
             x = block(x, mod, backend=self.attention, mask=None, rotary=rotary, cache=cache, layer=i)
         cache.advance(end - start)
+        if step == 0:
+            x = x[:, self.prefix :]
         return self._logits(x, cache.modulation[-1])
 
     # -- training helpers ---------------------------------------------------------------
     def no_weight_decay(self) -> set[str]:
         """Names of the parameters trained without weight decay.
 
-        The unit's parameters (start, position and step embeddings), every bias, the
-        attention temperatures ``scale_mul`` and the shared-AdaLN offsets. LayerNorms
-        have no parameters here.
+        The unit's parameters (start, position and step embeddings), every bias and norm
+        gain, the attention temperatures ``scale_mul`` and the shared-AdaLN offsets.
         """
         leaves = ("bias", "q_bias", "v_bias", "scale_mul", "adaln_offset")
         names = set()
@@ -502,19 +723,23 @@ class ARModel(nn.Module):
         """Matmul FLOPs (2 per multiply-add) of one image's full sequence.
 
         Counted from the architecture: the input, qkv, projection, MLP and head
-        linears at every position, attention scores and weighted sums over the
-        block-causal mask's visible pairs only, and the AdaLN linears once per image
-        (they see the class, not the positions). Element-wise work is left out.
-        Training (forward and backward) counts 3× the forward.
+        linears at every position (the extra class tokens included; a code lookup
+        costs none), attention scores and weighted sums over the block-causal mask's
+        visible pairs only, and the AdaLN linears once per image (they see the class,
+        not the positions). Element-wise work is left out. Training (forward and
+        backward) counts 3× the forward.
         """
         cfg = self.config
         d, hidden, depth = cfg.width, cfg.mlp_hidden, cfg.depth
-        lengths = self.step_lengths
+        lengths = (self.prefix + self.step_lengths[0], *self.step_lengths[1:])
         seq_len = sum(lengths)
         pairs = sum(n * end for n, end in zip(lengths, self.step_starts[1:], strict=True))
-        per_block = 2 * seq_len * (3 * d * d + d * d + 2 * d * hidden) + 2 * 2 * pairs * d
-        adaln = 2 * d * 6 * d * (1 if cfg.shared_adaln else depth) + 2 * d * 2 * d
-        embed = 2 * (seq_len - lengths[0]) * self.code_dim * d
-        head = 2 * seq_len * d * self.vocab_size
+        mlp_mats = 3 if cfg.mlp == "swiglu" else 2
+        per_block = 2 * seq_len * (3 * d * d + d * d + mlp_mats * d * hidden) + 2 * 2 * pairs * d
+        adaln = 0
+        if cfg.conditioning == "adaln":
+            adaln = 2 * d * 6 * d * (1 if cfg.shared_adaln else depth) + 2 * d * 2 * d
+        embed = 0 if self.input_codes else 2 * (self.unit.seq_len - self.step_lengths[0]) * self.code_dim * d
+        head = 2 * self.unit.seq_len * d * self.vocab_size
         forward = depth * per_block + adaln + embed + head
         return float(3 * forward if training else forward)

@@ -2,7 +2,8 @@
 
 A recipe has the sections ``tokenizer``, ``unit``, ``attention``, ``sampler`` (plugin
 sections: ``name:`` plus that plugin's ``Config`` fields), ``model``, ``data``,
-``train`` and ``tokenizer_train``, plus ``out_dir`` and ``seed``. ``base: other.yaml``
+``train``, ``tokenizer_train`` and ``init`` (pretrained weights to fine-tune), plus
+``out_dir`` and ``seed``. ``base: other.yaml``
 extends another recipe (paths are relative to the file that names them). Command-line
 overrides ``key.path=value`` apply last; values are read as YAML (``train.lr=3e-4``,
 ``sampler.name=greedy``, ``tokenizer.schedule=[1,2,4]``).
@@ -42,12 +43,13 @@ from varkit.defaults import DEFAULT_PLUGINS
 from varkit.errors import RecipeError, VarkitError, did_you_mean
 from varkit.model.transformer import ModelConfig
 from varkit.plugins import KINDS, registry
+from varkit.recipe.finetune import InitConfig
 from varkit.recipe.train import RETIRED_TOKENIZER_TRAIN_KEYS, TokenizerTrainConfig, TrainConfig
 
 PLUGIN_SECTIONS = ("tokenizer", "unit", "attention", "sampler")
 #: Keys a plugin section holds beside the plugin's own Config fields.
 SECTION_KEYS = {"tokenizer": ("name", "weights")}
-TOP_LEVEL = ("base", "out_dir", "seed", *PLUGIN_SECTIONS, "model", "data", "train", "tokenizer_train")
+TOP_LEVEL = ("base", "out_dir", "seed", *PLUGIN_SECTIONS, "model", "data", "train", "tokenizer_train", "init")
 COMMAND_LINE = "command line"
 
 
@@ -57,6 +59,7 @@ SECTION_TYPES: dict[str, type] = {
     "data": DataConfig,
     "train": TrainConfig,
     "tokenizer_train": TokenizerTrainConfig,
+    "init": InitConfig,
 }
 
 
@@ -96,6 +99,8 @@ class Recipe:
     data: Any
     train: Any
     tokenizer_train: Any
+    #: Fine-tuning: pretrained weights the AR stage starts from (``init:``).
+    init: Any = attrs.field(factory=InitConfig)
     #: The file it was read from (not part of equality or of the resolved dict).
     source: str | None = attrs.field(default=None, eq=False)
 
@@ -104,7 +109,7 @@ class Recipe:
         out: dict[str, Any] = {"out_dir": self.out_dir, "seed": self.seed}
         for kind in PLUGIN_SECTIONS:
             out[kind] = getattr(self, kind).to_dict()
-        for key in ("model", "data", "train", "tokenizer_train"):
+        for key in ("model", "data", "train", "tokenizer_train", "init"):
             out[key] = unstructure(getattr(self, key))
         return out
 

@@ -21,6 +21,7 @@ from varkit.build import build_model, build_sampler
 from varkit.evaluate import TrainingFID, class_following
 from varkit.generation import generate_images
 from varkit.images import save_grid
+from varkit.loading import init_ar_model, prepare_ar_model
 from varkit.model.loss import StepGroups, ar_loss
 from varkit.train import distributed as D
 from varkit.train import loop
@@ -87,8 +88,14 @@ class ARStage(Stage):
         # The frozen tokenizer travels with every checkpoint, so one stands alone.
         return {"model": self.model, "tokenizer": self.tokenizer}
 
+    def load_initial_weights(self) -> None:
+        # Fine-tuning: a fresh run starts from init.weights (fresh optimizer and schedule).
+        init_ar_model(self.model, self.recipe)
+
     def distribute(self) -> None:
         cfg, env = self.config, self.env
+        # Class names into the run; the parts init.freeze names stop training.
+        prepare_ar_model(self.model, self.recipe, out_dir=self.root, main=env.main)
         if cfg.activation_checkpointing:
             D.checkpoint_activations(self.model)
         if cfg.compile_mode is not None:

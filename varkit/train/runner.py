@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from varkit.build import build_tokenizer
 from varkit.errors import TrainingError, VarkitError
-from varkit.loading import recipe_tokenizer
+from varkit.loading import recipe_tokenizer, tokenizer_weights_source
 from varkit.train import distributed as D
 from varkit.train.ar import ARStage
 from varkit.train.loop import TrainingLoop
@@ -78,9 +78,9 @@ def run(recipe, *, force: bool = False) -> Path:
 
 
 def _tokenizer_stage(recipe, env: D.DistEnv, out: Path, started):
-    if recipe.tokenizer.weights:
+    if tokenizer_weights_source(recipe):
         if recipe.tokenizer_train.enabled:
-            log.info("tokenizer.weights is set: tokenizer_train is skipped")
+            log.info("tokenizer.weights (or init.weights) is set: tokenizer_train is skipped")
         seed_everything(recipe.seed)
         return recipe_tokenizer(recipe, device=env.device)
     if recipe.tokenizer_train.enabled:

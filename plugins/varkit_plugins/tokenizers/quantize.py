@@ -425,6 +425,13 @@ class VectorQuantizer(nn.Module):
         """Codes ``(b, h, w)`` -> embeddings ``(b, c, h, w)``."""
         return rearrange(self.embed(codes), "b h w c -> b c h w")
 
+    def reset_bookkeeping(self) -> None:
+        """Fresh training bookkeeping (not saved) on the codebook's device, e.g. after loading
+        weights into a model built on the meta device."""
+        device = self.embedding.weight.device
+        self.code_last_used = torch.full((self.vocab_size,), -1, dtype=torch.long, device=device)
+        self.hit_ema = torch.zeros(1, self.vocab_size, device=device)
+
     def _normalise(self, f: torch.Tensor) -> torch.Tensor:
         return F.normalize(f, dim=1) if self.l2_norm else f
 

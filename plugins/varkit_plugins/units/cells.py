@@ -30,6 +30,21 @@ class CellConfig:
     )
     #: RoPE base: frequencies are ``rope_base ** (-i / m)``; only used by "rope2d".
     rope_base: float = attrs.field(default=10000.0, validator=v.gt(1.0))
+    #: Which code's grid cell rotates a position with "rope2d": "target", the code it
+    #: predicts (the class position sits at (0, 0)); "input", the code it is fed, as
+    #: LlamaGen does, whose class position is fed no code and gets zero queries and keys.
+    rope_anchor: Literal["target", "input"] = attrs.field(
+        default="target", validator=v.in_(("target", "input"))
+    )
+    #: What positions are fed: "embeddings", the tokenizer's embedding of the previous
+    #: codes, projected by the model (VAR-style); "codes", the codes themselves, looked up
+    #: in a table the model learns (LlamaGen's ``tok_embeddings``).
+    inputs: Literal["embeddings", "codes"] = attrs.field(
+        default="embeddings", validator=v.in_(("embeddings", "codes"))
+    )
+    #: Learn ``pos_start``, added to the class embedding at step 0 (LlamaGen: none, the
+    #: class token alone).
+    start_embedding: bool = True
 
 
 class CellUnit(PredictionUnit):
@@ -59,7 +74,12 @@ class CellUnit(PredictionUnit):
         h, w = self.grid
         self.cells = (h // self.k) * (w // self.k)
         length = h * w
-        self.pos_start = nn.Parameter(init_embedding_(torch.empty(1, self.k * self.k, width), width))
+        self.input_codes = config.inputs == "codes"
+        self.width = width
+        if config.start_embedding:
+            self.pos_start = nn.Parameter(init_embedding_(torch.empty(1, self.k * self.k, width), width))
+        else:
+            self.pos_start = None
         if config.position == "learned":
             self.pos_embed = nn.Parameter(init_embedding_(torch.empty(1, length, width), width))
         else:
@@ -115,24 +135,45 @@ class CellUnit(PredictionUnit):
         return (self.k * self.k,) * self.cells
 
     def start_embedding(self) -> torch.Tensor:
-        return self.pos_start
+        if self.pos_start is not None:
+            return self.pos_start
+        return torch.zeros(1, self.k * self.k, self.width, device=self.rows.device)
 
     def position_embedding(self) -> torch.Tensor:
         if self.pos_embed is not None:
             return self.pos_embed
         # rope2d places positions by rotation; nothing is added to the input.
-        return self.pos_start.new_zeros(1, self.seq_len, self.pos_start.shape[-1])
+        return torch.zeros(1, self.seq_len, self.width, device=self.rows.device)
 
     def rotary_angles(self, head_dim: int) -> torch.Tensor | None:
-        """With ``position="rope2d"``, the angles of the grid cell each position predicts.
+        """With ``position="rope2d"``, the angles of each position's grid cell.
 
-        A position is rotated by the (row, column) of the code it predicts, so the
-        class-prefix position of the token unit, which predicts the code at (0, 0),
-        has angle 0.
+        With ``rope_anchor="target"`` a position is rotated by the (row, column) of the
+        code it predicts, so the class-prefix position of the token unit, which predicts
+        the code at (0, 0), has angle 0. With ``"input"`` it is rotated by the cell of the
+        code it is fed (the code ``k²`` positions back); step 0's positions, fed none,
+        get angle 0 here and zero tables from :meth:`rotary_tables`.
         """
         if self.config.position != "rope2d":
             return None
-        return rope2d_angles(self.rows, self.cols, head_dim, base=self.config.rope_base)
+        rows, cols = self.rows, self.cols
+        if self.config.rope_anchor == "input":
+            n = self.k * self.k
+            rows = torch.cat((rows.new_zeros(n), rows[:-n]))
+            cols = torch.cat((cols.new_zeros(n), cols[:-n]))
+        return rope2d_angles(rows, cols, head_dim, base=self.config.rope_base)
+
+    def rotary_tables(self, head_dim: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The tables of :meth:`rotary_angles`; with ``rope_anchor="input"`` those of step 0 are
+        zero, which zeroes the class positions' queries and keys (LlamaGen's layout)."""
+        tables = super().rotary_tables(head_dim)
+        if tables is None or self.config.rope_anchor != "input":
+            return tables
+        n = self.k * self.k
+        cos, sin = (t.clone() for t in tables)
+        cos[:n] = 0.0
+        sin[:n] = 0.0
+        return cos, sin
 
     def targets(self, codes: list[torch.Tensor]) -> torch.Tensor:
         return self._to_sequence(codes[-1])
@@ -140,6 +181,8 @@ class CellUnit(PredictionUnit):
     def teacher_forcing(self, codes: list[torch.Tensor], tokenizer: Tokenizer) -> torch.Tensor:
         last = self.k * self.k
         code_seq = self._to_sequence(codes[-1])[:, :-last]  # the last cell is never an input
+        if self.input_codes:
+            return code_seq  # (b, l - k²)
         return tokenizer.embed(code_seq)  # (b, l - k², c)
 
     # -- generation ---------------------------------------------------------------
@@ -150,7 +193,9 @@ class CellUnit(PredictionUnit):
         state["codes"].append(codes)
         if step == self.cells - 1:
             return None
-        return emb  # this cell's embeddings feed the next cell's positions one to one
+        # This cell's codes (or their embeddings) feed the next cell's positions one to one;
+        # a unit fed codes has no use for a soft sampler's mixtures.
+        return codes if self.input_codes else emb
 
     def generated_codes(self, state: dict) -> list[torch.Tensor]:
         return [self._to_grid(torch.cat(state["codes"], dim=1))]

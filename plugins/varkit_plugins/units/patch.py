@@ -29,7 +29,7 @@ class NextPatch(CellUnit):
     """Next-cell prediction: one ``k×k`` cell of codes per step.
 
     Options (``unit:`` section of a recipe): ``k``, ``position`` (``learned`` or
-    ``rope2d``) and ``rope_base``.
+    ``rope2d``), ``rope_base``, ``rope_anchor``, ``inputs`` and ``start_embedding``.
     """
 
     name = "patch"

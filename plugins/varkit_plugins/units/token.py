@@ -7,6 +7,9 @@ causal mask. Position ``s > 0`` is fed the embedding of code ``s - 1``.
 
 Needs a single-scale tokenizer: a multi-scale one's last map holds only the residual
 left by the coarser scales, so predicting it alone would not describe an image.
+
+LlamaGen's GPT is this unit with ``position: rope2d``, ``rope_anchor: input``,
+``inputs: codes`` and ``start_embedding: false`` (see ``varkit import llamagen``).
 """
 
 from __future__ import annotations
@@ -18,8 +21,8 @@ from varkit_plugins.units.cells import CellConfig, CellUnit
 class NextToken(CellUnit):
     """Raster next-token prediction: the patch unit with 1×1 cells.
 
-    Options (``unit:`` section of a recipe): ``position`` (``learned`` or ``rope2d``)
-    and ``rope_base``.
+    Options (``unit:`` section of a recipe): ``position`` (``learned`` or ``rope2d``),
+    ``rope_base``, ``rope_anchor``, ``inputs`` and ``start_embedding``.
     """
 
     name = "token"
