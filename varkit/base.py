@@ -346,3 +346,48 @@ class Sampler(PluginBase):
         None (the default) embeds the sampled codes as they are.
         """
         return None
+
+    def sample_guided(
+        self,
+        cond: torch.Tensor,
+        uncond: torch.Tensor | None,
+        *,
+        t: float,
+        step: int,
+        num_steps: int,
+        generator: torch.Generator,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One step's codes (and soft weights) from its conditional and unconditional logits.
+
+        This is what the generation loop calls, once per step, with ``t =
+        guidance_scale(step, num_steps)``. The default applies guidance with
+        :func:`apply_guidance` and calls :meth:`sample` and then :meth:`soft_weights` on
+        the result, so a sampler that only defines :meth:`sample` works as it is; a
+        sampler may override it to fuse guidance into its own pass over the logits.
+
+        Args:
+            cond: logits of the batch's labels ``(b, l, v)``.
+            uncond: logits of the "no class" index ``(b, l, v)``, or None when the loop
+                does not double the batch (``t`` is then 0).
+            t: the guidance of this step.
+
+        Returns:
+            ``(codes, weights)``: codes ``(b, l)`` int64 and, as :meth:`soft_weights`,
+            weights ``(b, l, v)`` or None. Every random draw comes from ``generator``.
+        """
+        logits = apply_guidance(cond, uncond, t)
+        codes = self.sample(logits, step=step, num_steps=num_steps, generator=generator)
+        weights = self.soft_weights(logits, step=step, num_steps=num_steps, generator=generator)
+        return codes, weights
+
+
+def apply_guidance(cond: torch.Tensor, uncond: torch.Tensor | None, t: float) -> torch.Tensor:
+    """Classifier-free guidance: ``(1 + t) · cond - t · uncond``; ``cond`` itself when ``t`` is 0.
+
+    ``uncond`` may be None only when ``t`` is 0.
+    """
+    if t == 0:
+        return cond
+    if uncond is None:
+        raise ValueError(f"guidance t={t} needs the unconditional logits")
+    return (1 + t) * cond - t * uncond

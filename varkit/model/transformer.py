@@ -25,7 +25,7 @@ from varkit import validators as V
 from varkit.base import AttentionBackend, PredictionUnit
 from varkit.errors import VarkitError
 from varkit.masks import BlockCausal
-from varkit.model.kv_cache import KVCache
+from varkit.model.kv_cache import KVCache, VisibleKeys
 
 #: Upper bound of the learned attention temperature ``exp(scale_mul)`` (VAR: 100).
 MAX_SCALE_MUL = math.log(100.0)
@@ -357,7 +357,8 @@ class ARModel(nn.Module):
         """Final AdaLN and head: ``(b, l, d) -> (b, l, v)`` float32."""
         scale, shift = modulation.unbind(2)
         x = _modulate(F.layer_norm(x.float(), (x.shape[-1],), eps=self.config.norm_eps), scale, shift)
-        return self.head(x).float()
+        # With weights in bfloat16 and no autocast (pipe.to(dtype=...)), x is float32 here.
+        return self.head(x.to(self.head.weight.dtype)).float()
 
     def _rotary(self, start: int, end: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
         angles = self.unit.rotary_angles(self.config.head_dim)  # (l, hd/2) or None
@@ -420,7 +421,13 @@ class ARModel(nn.Module):
         )
 
     def forward_step(
-        self, inputs: torch.Tensor | None, labels: torch.Tensor, cache: KVCache, step: int
+        self,
+        inputs: torch.Tensor | None,
+        labels: torch.Tensor,
+        cache: KVCache,
+        step: int,
+        *,
+        start: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits of step ``step`` given the cache of the steps before.
 
@@ -433,16 +440,23 @@ class ARModel(nn.Module):
                 AdaLN modulation of ``labels`` and the position embedding and rotary
                 angles, reused by the later steps.
             step: which step, ``0 <= step < len(unit.step_lengths)``, in order.
+            start: for a static-shape step, the step's first position as a 0-dim int64
+                tensor on the model's device (equal to ``model.step_starts[step]``).
+                Positions are then gathered by index, the cache is written at those
+                indices and attention masks the positions after the step instead of
+                slicing them off: every step of one length runs the same kernels on
+                the same shapes, so one captured CUDA graph serves them all. None
+                (the default) slices by the Python position.
 
         Returns:
             Logits ``(b, l_s, v)`` in float32.
         """
         if not 0 <= step < len(self.step_lengths):
             raise VarkitError(f"step {step} is outside the unit's {len(self.step_lengths)} steps")
-        start, end = self.step_starts[step], self.step_starts[step + 1]
-        if cache.length != start:
+        begin, end = self.step_starts[step], self.step_starts[step + 1]
+        if cache.length != begin:
             raise VarkitError(
-                f"step {step} starts at position {start} but the cache holds {cache.length}; "
+                f"step {step} starts at position {begin} but the cache holds {cache.length}; "
                 "run the steps in order from 0 with a fresh cache (model.new_cache or cache.reset())"
             )
         b = labels.shape[0]
@@ -457,14 +471,26 @@ class ARModel(nn.Module):
             x = cond.unsqueeze(1) + self.unit.start_embedding()  # (b, l_0, d)
         else:
             if inputs is None:
-                raise VarkitError(f"step {step} needs its input features (b, {end - start}, c)")
-            self._check_features(inputs, b, end - start, f"inputs of step {step}")
+                raise VarkitError(f"step {step} needs its input features (b, {end - begin}, c)")
+            self._check_features(inputs, b, end - begin, f"inputs of step {step}")
             x = self.word_embed(inputs.to(self.word_embed.weight.dtype))  # (b, l_s, d)
-        x = x + cache.positions[:, start:end]
-        rotary = None if cache.rotary is None else tuple(t[start:end] for t in cache.rotary)
-        for i, (block, mod) in enumerate(zip(self.blocks, cache.modulation, strict=False)):
-            x = block(x, mod, backend=self.attention, mask=None, rotary=rotary, cache=cache, layer=i)
-        cache.advance(end - start)
+        backend = self.attention
+        if start is None:
+            x = x + cache.positions[:, begin:end]
+            rotary = None if cache.rotary is None else tuple(t[begin:end] for t in cache.rotary)
+        else:
+            index = start + torch.arange(end - begin, device=start.device)  # (l_s,) this step's positions
+            x = x + cache.positions.index_select(1, index)
+            rotary = None if cache.rotary is None else tuple(t.index_select(0, index) for t in cache.rotary)
+            visible = torch.arange(cache.max_len, device=start.device) <= index[-1]  # (max_len,)
+            backend = VisibleKeys(visible)
+            cache.write_index = index
+        try:
+            for i, (block, mod) in enumerate(zip(self.blocks, cache.modulation, strict=False)):
+                x = block(x, mod, backend=backend, mask=None, rotary=rotary, cache=cache, layer=i)
+        finally:
+            cache.write_index = None
+        cache.advance(end - begin)
         return self._logits(x, cache.modulation[-1])
 
     # -- training helpers ---------------------------------------------------------------
