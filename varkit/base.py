@@ -17,6 +17,7 @@ import attrs
 import torch
 from torch import nn
 
+from varkit.errors import PluginError
 from varkit.masks import BlockCausal
 
 
@@ -276,6 +277,31 @@ class PredictionUnit(PluginBase, nn.Module):
     def generated_codes(self, state: dict) -> list[torch.Tensor]:
         """The generated code maps ``[(b, h_k, w_k)]``."""
         raise NotImplementedError
+
+    # -- editing -----------------------------------------------------------------
+    def keep_positions(self, keep: torch.Tensor) -> torch.Tensor:
+        """Which positions of the sequence an edit takes from the image: ``(b, l)`` bool.
+
+        Zero-shot editing (inpainting, outpainting, class-conditional editing) keeps
+        the image's own code wherever this is True and samples the others; the
+        generation loop does the replacing, so this mapping is all a unit provides.
+
+        Args:
+            keep: ``(b, hK, wK)`` float in [0, 1] on the tokenizer's last code grid:
+                the share of each latent position that the edit keeps (1: keep the
+                image, 0: regenerate it).
+
+        Returns:
+            ``(b, l)`` bool in the order of :meth:`targets`: True where the image's
+            code is kept at that position.
+
+        A unit that cannot say which of its positions a mask covers does not define
+        it; editing with it then stops with this error.
+        """
+        raise PluginError(
+            f"unit {self.name!r} cannot edit images: it does not map an edit mask onto the positions of "
+            "its steps (PredictionUnit.keep_positions); generate with it, or edit with a unit that defines it"
+        )
 
 
 # ------------------------------------------------------------------ attention backend

@@ -14,7 +14,7 @@ from einops import rearrange
 from torch import nn
 
 from varkit.base import PredictionUnit, Tokenizer
-from varkit.errors import PluginError
+from varkit.errors import PluginError, VarkitError
 from varkit_plugins.units.embeddings import init_embedding_, rope2d_angles
 
 
@@ -159,3 +159,17 @@ class CellUnit(PredictionUnit):
         # The decoded map is built from the hard codes; a soft sampler's mixtures only
         # smooth the inputs of the steps.
         return tokenizer.codes_to_features(self.generated_codes(state))
+
+    # -- editing ------------------------------------------------------------------
+    def keep_positions(self, keep: torch.Tensor) -> torch.Tensor:
+        """A code is kept where more than half of its latent position is, in cell order.
+
+        Generation is causal in raster order: a position sees the kept codes before
+        it, never those after it, so the kept region below or right of a regenerated
+        one cannot steer it.
+        """
+        if keep.ndim != 3 or tuple(keep.shape[1:]) != self.grid:
+            raise VarkitError(
+                f"keep must be (b, {self.grid[0]}, {self.grid[1]}) on the code grid, got {tuple(keep.shape)}"
+            )
+        return self._to_sequence(keep > 0.5)  # (b, l)
