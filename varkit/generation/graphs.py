@@ -111,7 +111,7 @@ class GraphedSteps:
             # recorded with: anything else needs new graphs.
             self.graphs, self.pool = {}, None
             self.labels = labels.clone()
-            self.cache = self.model.new_cache(labels.shape[0], dtype=dtype, device=labels.device)
+            self.cache = self.model.new_cache(labels.shape[0], dtype=dtype, device=labels.device, static=True)
             self.dtype = dtype
             self._key = key
         self.labels.copy_(labels)

@@ -23,7 +23,8 @@ class KVCache:
     position) or, for a static-shape step, at the device positions ``write_index``
     set by the model: then every step of one length runs the same kernels on the same
     shapes, reads the whole cache and masks the positions it may not see, which is
-    what a CUDA graph replayed at every position needs.
+    what a CUDA graph replayed at every position needs. Such a cache is made with
+    ``zeroed=True``: the masked positions are read too and must be finite.
     """
 
     def __init__(
@@ -36,8 +37,12 @@ class KVCache:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device | str,
+        zeroed: bool = False,
     ):
-        self.kv = torch.empty(depth, 2, batch, heads, max_len, head_dim, dtype=dtype, device=device)
+        # A static-shape step reads positions not written yet (masked): they must hold
+        # finite numbers, since a masked weight of 0 times a NaN is still NaN.
+        alloc = torch.zeros if zeroed else torch.empty
+        self.kv = alloc(depth, 2, batch, heads, max_len, head_dim, dtype=dtype, device=device)
         self.length = 0
         self.modulation: list[torch.Tensor] | None = None
         self.positions: torch.Tensor | None = None

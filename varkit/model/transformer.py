@@ -406,9 +406,19 @@ class ARModel(nn.Module):
 
     # -- generation ------------------------------------------------------------------------
     def new_cache(
-        self, batch: int, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+        self,
+        batch: int,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        static: bool = False,
     ) -> KVCache:
-        """A preallocated KV cache for generating ``batch`` sequences (dtype/device: the model's)."""
+        """A preallocated KV cache for generating ``batch`` sequences (dtype/device: the model's).
+
+        ``static=True`` makes a cache for static-shape steps (``forward_step(...,
+        start=...)``), which read the positions not yet written under a mask: it
+        starts zeroed.
+        """
         ref = self.head.weight
         return KVCache(
             depth=self.config.depth,
@@ -418,6 +428,7 @@ class ARModel(nn.Module):
             head_dim=self.config.head_dim,
             dtype=dtype or ref.dtype,
             device=device or ref.device,
+            zeroed=static,
         )
 
     def forward_step(
@@ -445,8 +456,9 @@ class ARModel(nn.Module):
                 Positions are then gathered by index, the cache is written at those
                 indices and attention masks the positions after the step instead of
                 slicing them off: every step of one length runs the same kernels on
-                the same shapes, so one captured CUDA graph serves them all. None
-                (the default) slices by the Python position.
+                the same shapes, so one captured CUDA graph serves them all. Needs a
+                cache made with ``new_cache(..., static=True)``. None (the default)
+                slices by the Python position.
 
         Returns:
             Logits ``(b, l_s, v)`` in float32.
