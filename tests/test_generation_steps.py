@@ -108,7 +108,7 @@ def test_bad_dtypes_are_refused():
 
 @pytest.mark.parametrize(("name", "options"), CASES)
 def test_static_shape_steps_give_the_sliced_steps_logits(name, options):
-    """forward_step(start=tensor): positions gathered, cache written by index, masked by position."""
+    """forward_step(position=tensor): positions gathered, cache written by index, masked by position."""
     model, tokenizer = _setup(name, options)
     codes = [
         torch.randint(0, tokenizer.vocab_size, (2, h, w), generator=torch.Generator().manual_seed(1))
@@ -122,7 +122,7 @@ def test_static_shape_steps_give_the_sliced_steps_logits(name, options):
         for step in range(len(model.unit.step_lengths)):
             x = None if step == 0 else inputs[:, starts[step] - starts[1] : starts[step + 1] - starts[1]]
             a = model.forward_step(x, labels, sliced, step)
-            b = model.forward_step(x, labels, static, step, start=torch.tensor(starts[step]))
+            b = model.forward_step(x, labels, static, step, position=torch.tensor(starts[step]))
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(static.kv, sliced.kv, rtol=1e-5, atol=1e-5)
         assert static.write_index is None

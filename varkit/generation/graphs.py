@@ -12,7 +12,7 @@ afterwards:
   the ``scale`` unit, and step 0 of every unit) gets its own graph, recorded with its
   positions as Python numbers;
 - steps of a length that repeats (the 255 one-code steps of ``token``, the cells of
-  ``patch``) share one *static-shape* graph: ``model.forward_step(..., start=...)``
+  ``patch``) share one *static-shape* graph: ``model.forward_step(..., position=...)``
   takes the step's first position as a device tensor, writes the KV cache at those
   indices and masks the cache by position instead of slicing it, so the same kernels
   on the same shapes serve every position.
@@ -132,7 +132,7 @@ class GraphedSteps:
 
         def forward() -> torch.Tensor:
             self.cache.length = begin
-            return self.model.forward_step(graph_inputs, self.labels, self.cache, step, start=start)
+            return self.model.forward_step(graph_inputs, self.labels, self.cache, step, position=start)
 
         try:
             with self._no_cast_cache():

@@ -416,7 +416,7 @@ class ARModel(nn.Module):
         """A preallocated KV cache for generating ``batch`` sequences (dtype/device: the model's).
 
         ``static=True`` makes a cache for static-shape steps (``forward_step(...,
-        start=...)``), which read the positions not yet written under a mask: it
+        position=...)``), which read the positions not yet written under a mask: it
         starts zeroed.
         """
         ref = self.head.weight
@@ -438,7 +438,7 @@ class ARModel(nn.Module):
         cache: KVCache,
         step: int,
         *,
-        start: torch.Tensor | None = None,
+        position: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits of step ``step`` given the cache of the steps before.
 
@@ -451,7 +451,7 @@ class ARModel(nn.Module):
                 AdaLN modulation of ``labels`` and the position embedding and rotary
                 angles, reused by the later steps.
             step: which step, ``0 <= step < len(unit.step_lengths)``, in order.
-            start: for a static-shape step, the step's first position as a 0-dim int64
+            position: for a static-shape step, the step's first position as a 0-dim int64
                 tensor on the model's device (equal to ``model.step_starts[step]``).
                 Positions are then gathered by index, the cache is written at those
                 indices and attention masks the positions after the step instead of
@@ -465,10 +465,10 @@ class ARModel(nn.Module):
         """
         if not 0 <= step < len(self.step_lengths):
             raise VarkitError(f"step {step} is outside the unit's {len(self.step_lengths)} steps")
-        begin, end = self.step_starts[step], self.step_starts[step + 1]
-        if cache.length != begin:
+        start, end = self.step_starts[step], self.step_starts[step + 1]
+        if cache.length != start:
             raise VarkitError(
-                f"step {step} starts at position {begin} but the cache holds {cache.length}; "
+                f"step {step} starts at position {start} but the cache holds {cache.length}; "
                 "run the steps in order from 0 with a fresh cache (model.new_cache or cache.reset())"
             )
         b = labels.shape[0]
@@ -483,18 +483,20 @@ class ARModel(nn.Module):
             x = cond.unsqueeze(1) + self.unit.start_embedding()  # (b, l_0, d)
         else:
             if inputs is None:
-                raise VarkitError(f"step {step} needs its input features (b, {end - begin}, c)")
-            self._check_features(inputs, b, end - begin, f"inputs of step {step}")
+                raise VarkitError(f"step {step} needs its input features (b, {end - start}, c)")
+            self._check_features(inputs, b, end - start, f"inputs of step {step}")
             x = self.word_embed(inputs.to(self.word_embed.weight.dtype))  # (b, l_s, d)
         backend = self.attention
-        if start is None:
-            x = x + cache.positions[:, begin:end]
-            rotary = None if cache.rotary is None else tuple(t[begin:end] for t in cache.rotary)
+        if position is None:
+            x = x + cache.positions[:, start:end]
+            rotary = None if cache.rotary is None else tuple(t[start:end] for t in cache.rotary)
         else:
-            index = start + torch.arange(end - begin, device=start.device)  # (l_s,) this step's positions
+            index = position + torch.arange(
+                end - start, device=position.device
+            )  # (l_s,) this step's positions
             x = x + cache.positions.index_select(1, index)
             rotary = None if cache.rotary is None else tuple(t.index_select(0, index) for t in cache.rotary)
-            visible = torch.arange(cache.max_len, device=start.device) <= index[-1]  # (max_len,)
+            visible = torch.arange(cache.max_len, device=position.device) <= index[-1]  # (max_len,)
             backend = VisibleKeys(visible)
             cache.write_index = index
         try:
@@ -502,7 +504,7 @@ class ARModel(nn.Module):
                 x = block(x, mod, backend=backend, mask=None, rotary=rotary, cache=cache, layer=i)
         finally:
             cache.write_index = None
-        cache.advance(end - begin)
+        cache.advance(end - start)
         return self._logits(x, cache.modulation[-1])
 
     # -- training helpers ---------------------------------------------------------------
