@@ -265,8 +265,9 @@ class PredictionUnit(PluginBase, nn.Module):
         """Record step ``step``'s codes ``(b, l_s)`` and embeddings ``(b, l_s, c)``.
 
         ``emb`` is ``tokenizer.embed(codes)`` or, with a soft sampler, a mixture of
-        codebook rows. Returns the next step's input features ``(b, l_{s+1}, c)``, or
-        None after the last step.
+        codebook rows (during an edit, the kept positions hold the image's codes and
+        their embeddings). Returns the next step's input features ``(b, l_{s+1}, c)``,
+        or None after the last step.
         """
         raise NotImplementedError
 
