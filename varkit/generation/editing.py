@@ -74,6 +74,10 @@ def box_mask(box: Sequence[float], size: tuple[int, int], *, outpaint: bool = Fa
     h, w = size
     mask = torch.zeros(h, w)
     mask[round(y0 * h) : round(y1 * h), round(x0 * w) : round(x1 * w)] = 1.0
+    if not mask.any():
+        raise VarkitError(
+            f"box {(y0, x0, y1, x1)} covers no pixel of a {h}x{w} grid once rounded; make it larger"
+        )
     return 1.0 - mask if outpaint else mask
 
 
