@@ -55,7 +55,7 @@ def eager_capture(fn, pool):
 def _run(model, tokenizer, sampler, labels, seed, runner=None, dtype=None):
     with torch.inference_mode():
         gen = Generation(
-            model,
+            model.eval(),
             tokenizer,
             sampler,
             labels,
@@ -174,25 +174,28 @@ NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs 
 @NO_CUDA
 @pytest.mark.parametrize(("name", "options"), CASES)
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
-def test_cuda_graphs_give_the_eager_codes(name, options, dtype):
+def test_cuda_graphs_replay_the_steps_they_recorded(name, options, dtype):
+    """Replayed graphs give the codes of the same steps run eagerly, on the first call (which
+    records them) and on later ones; per-step graphs (scale) give the plain eager loop's."""
     model, tokenizer = _setup(name, options, device="cuda")
     sampler = _sampler(cfg=1.5, top_k=8, top_p=0.9)
     labels = torch.tensor([0, 3, 1, 2], device="cuda")
-
-    def codes(graphs, seed):
-        out, _ = generate_codes(
+    static = GraphedSteps(model, capture=eager_capture)
+    for seed in (0, 1):
+        graphed, _ = generate_codes(
             model,
             tokenizer,
             sampler,
             labels,
             generator=torch.Generator("cuda").manual_seed(seed),
             dtype=dtype,
-            cuda_graphs=graphs,
+            cuda_graphs=True,
         )
-        return out
-
-    for seed in (0, 1):  # the first call records the graphs, the second replays them
-        assert all(torch.equal(a, b) for a, b in zip(codes(False, seed), codes(True, seed)))
+        same_steps = _run(model, tokenizer, sampler, labels, seed, runner=static, dtype=dtype)
+        assert all(torch.equal(a, b) for a, b in zip(graphed, same_steps))
+        if name == "scale":
+            eager = _run(model, tokenizer, sampler, labels, seed, dtype=dtype)
+            assert all(torch.equal(a, b) for a, b in zip(graphed, eager))
 
 
 @pytest.mark.gpu

@@ -124,7 +124,7 @@ class Pipeline:
                 transformer in its weights' dtype (see :meth:`to`).
             cuda_graphs: replay CUDA graphs of the transformer's steps (CUDA only);
                 the first call records them, later calls of the same batch size reuse
-                them. Same codes as without.
+                them (see :mod:`varkit.generation.graphs`).
 
         Returns:
             Images ``(b, 3, H, W)`` in [0, 1].

@@ -19,8 +19,12 @@ afterwards:
 
 Only the transformer is graphed; guidance, sampling, editing and the unit's feature
 arithmetic stay eager between replays (a few kernels per step, none of which reads
-back to the host). Inputs and labels are copied into the graphs' static buffers, so
-the codes equal the eager loop's. The graphs, their static buffers and their KV cache
+back to the host). Inputs and labels are copied into the graphs' static buffers. A
+replay computes what the same step computes eagerly, so a per-step graph gives the
+eager loop's codes; a static-shape step attends over the masked whole cache instead
+of a slice of it, which agrees with the sliced step to float rounding (in bfloat16 a
+near-tie between two codes can then go the other way).
+The graphs, their static buffers and their KV cache
 are kept per model and reused by later calls with the same batch, dtype and device,
 and dropped when any of these or the model's weight tensors change. With an autocast
 ``dtype`` the graphs cast the weights inside each step (autocast's cast cache cannot

@@ -347,7 +347,7 @@ def generate_codes(
             codes of ``known`` replace the sampled ones (see
             :func:`varkit.generation.editing.edit_codes`, which makes both).
         cuda_graphs: replay CUDA graphs of the model's steps (CUDA only; see
-            :mod:`varkit.generation.graphs`). The codes are those of the eager loop.
+            :mod:`varkit.generation.graphs`), which says how their codes compare.
 
     Returns:
         ``(codes, f_hat)``: the code maps ``[(b, h_k, w_k)]`` (int64) and the feature
