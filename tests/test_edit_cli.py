@@ -152,6 +152,15 @@ def test_bad_input_exits_2_with_one_paragraph(run_dir, files, tmp_path, capsys, 
     assert not out.exists()
 
 
+def test_masks_of_different_sizes_are_refused(run_dir, files, tmp_path, capsys):
+    code, _, err = run_cli(
+        capsys, "edit", run_dir, "--image", files["a"], files["b"], "--mask", files["mask"], files["grid_mask"],
+        "--out", tmp_path / "o.png", "--device", "cpu",
+    )  # fmt: skip
+    assert code == 2
+    assert "the masks have different shapes [(4, 4), (16, 16)]" in err
+
+
 def test_image_of_another_resolution_is_refused(run_dir, tmp_path, capsys):
     big = _bad(tmp_path, "big.png", np.zeros((32, 32, 3), np.uint8))
     code, _, err = run_cli(

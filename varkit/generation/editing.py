@@ -100,6 +100,13 @@ def pil_to_tensor(image: Image.Image, *, grey: bool = False) -> torch.Tensor:
     return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
 
 
+def _stack(tensors: list[torch.Tensor], what: str) -> torch.Tensor:
+    sizes = sorted({tuple(t.shape) for t in tensors})
+    if len(sizes) > 1:
+        raise VarkitError(f"the {what} have different shapes {sizes}; give them all at one size")
+    return torch.stack(tensors)
+
+
 def as_images(images, tokenizer: Tokenizer) -> torch.Tensor:
     """Images ``(b, 3, H, W)`` in [0, 1] from a tensor (``(3, H, W)`` or batched) or PIL image(s).
 
@@ -112,7 +119,7 @@ def as_images(images, tokenizer: Tokenizer) -> torch.Tensor:
     if isinstance(images, list | tuple):
         if not images:
             raise VarkitError("no images to edit")
-        images = torch.stack([pil_to_tensor(im) if isinstance(im, Image.Image) else im for im in images])
+        images = _stack([pil_to_tensor(im) if isinstance(im, Image.Image) else im for im in images], "images")
     if not isinstance(images, torch.Tensor):
         raise VarkitError(f"images must be a tensor or PIL images, got {type(images).__name__}")
     if images.ndim == 3:
@@ -146,7 +153,7 @@ def as_edit_mask(mask, *, batch: int, tokenizer: Tokenizer) -> torch.Tensor:
     if isinstance(mask, Image.Image):
         mask = pil_to_tensor(mask, grey=True)
     elif isinstance(mask, list | tuple) and mask and isinstance(mask[0], Image.Image):
-        mask = torch.stack([pil_to_tensor(m, grey=True) for m in mask])
+        mask = _stack([pil_to_tensor(m, grey=True) for m in mask], "masks")
     if not isinstance(mask, torch.Tensor):
         raise VarkitError(f"mask must be a tensor or PIL image(s), got {type(mask).__name__}")
     mask = mask.float()
