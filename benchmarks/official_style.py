@@ -9,9 +9,11 @@ replacement of one varkit part, so that every other line of the model is shared:
     as one boolean ``(l, l)`` matrix that broadcasts over batch and heads.
 (b) ``ConcatKVCache``: keys and values grown by ``torch.cat`` at every step and block;
     varkit writes them in place into one preallocated ``KVCache``.
-(c) ``FullSortTopKTopP``: top-k by a threshold on the whole vocabulary, then top-p by
-    sorting the whole vocabulary; varkit's ``topk_topp`` takes ``topk`` (which returns
-    its k values sorted) and applies top-p to those k values only.
+(c) ``FullSortTopKTopP``: guidance as its own pass, top-k by a threshold on the whole
+    vocabulary, then top-p by sorting the whole vocabulary, then ``torch.multinomial``;
+    varkit's ``topk_topp`` fuses guidance and temperature into one pass, takes ``topk``
+    (which returns its k values sorted), applies top-p to those k values only and draws
+    by an exponential race (no host synchronisation).
 
 Each comparison runs both sides in one process, repetitions interleaved, and reports
 medians and their ratio; peak memory of each side comes from a fresh subprocess.
@@ -157,7 +159,9 @@ def full_sort_probs(logits: torch.Tensor, *, top_k: int, top_p: float) -> torch.
 
 
 class FullSortTopKTopP(TopKTopP):
-    """``topk_topp`` with the whole-vocabulary top-k mask and sort of :func:`full_sort_probs`."""
+    """``topk_topp`` the research code's way: guidance as its own pass, then the
+    whole-vocabulary top-k mask and sort of :func:`full_sort_probs`, then
+    ``torch.multinomial``."""
 
     name = "full_sort_topk_topp"
 
@@ -166,6 +170,10 @@ class FullSortTopKTopP(TopKTopP):
         flat = logits.reshape(b * l, -1).float() / self.config.temperature
         probs = full_sort_probs(flat, top_k=self.config.top_k, top_p=self.config.top_p)
         return torch.multinomial(probs, 1, generator=generator).reshape(b, l)
+
+    def sample_guided(self, cond, uncond, *, t, step, num_steps, generator):
+        logits = cond if t == 0 else (1 + t) * cond - t * uncond
+        return self.sample(logits, step=step, num_steps=num_steps, generator=generator), None
 
 
 # ---------------------------------------------------------------------- measurement

@@ -168,7 +168,7 @@ def test_an_incomplete_pretrained_directory_names_what_it_lacks(tmp_path, capsys
         varkit.from_pretrained(out)
     out = tiny_pipe().save_pretrained(tmp_path / "n")
     (out / "model.safetensors").unlink()
-    assert main(["sample", str(out), "--out", str(tmp_path / "s")]) == 2
+    assert main(["sample", str(out), "--per-class", "1", "--out", str(tmp_path / "s")]) == 2
     err = capsys.readouterr().err
     assert "lacks model.safetensors" in err and err.count("\n") == 1
     assert main(["eval", str(tmp_path / "nowhere" / "x")]) == 2
@@ -215,11 +215,11 @@ def test_classes_resolve_by_index_or_name():
 def test_sample_takes_class_names(tmp_path, capsys):
     out = tiny_pipe().save_pretrained(tmp_path / "m")
     assert json.loads((out / "classes.json").read_text()) == {n: i for i, n in enumerate(NAMES)}
-    argv = ["sample", str(out), "--classes", "red_circle,yellow triangle", "--per-class", "1"]
+    argv = ["sample", str(out), "--classes", "red_circle,yellow triangle", "--per-class", "1", "--png"]
     assert main([*argv, "--out", str(tmp_path / "s")]) == 0
     assert sorted(os.listdir(tmp_path / "s" / "images")) == ["0000_000.png", "0002_000.png"]
     capsys.readouterr()
-    assert main(["sample", str(out), "--classes", "purple", "--out", str(tmp_path / "t")]) == 2
+    assert main(["sample", str(out), "--classes", "purple", "--per-class", "1", "--out", str(tmp_path / "t")]) == 2
     assert "no class 'purple'" in capsys.readouterr().err
 
 
@@ -291,7 +291,7 @@ def test_a_hub_id_without_its_files_says_which_and_how_to_get_them(
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
     out = tiny_pipe().save_pretrained(tmp_path / "m")
     _fake_hub(cache, "someone/partial", {"recipe.yaml": out / "recipe.yaml", "README.md": out / "README.md"})
-    assert main(["sample", "someone/partial", "--out", str(tmp_path / "s")]) == 2
+    assert main(["sample", "someone/partial", "--per-class", "1", "--out", str(tmp_path / "s")]) == 2
     # huggingface_hub may log its own warning first; varkit's error is the last line, one paragraph
     err = capsys.readouterr().err.splitlines()[-1]
     assert err.startswith("varkit: error: ")

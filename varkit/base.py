@@ -17,6 +17,7 @@ import attrs
 import torch
 from torch import nn
 
+from varkit.errors import PluginError
 from varkit.masks import BlockCausal
 
 
@@ -256,7 +257,7 @@ class PredictionUnit(PluginBase, nn.Module):
     def rotary_tables(self, head_dim: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The cosines and sines ``(l, head_dim // 2)`` that rotate each position's q and k.
 
-        By default those of :meth:`rotary_angles`. A unit may override it to scale the
+        By default those of `rotary_angles`. A unit may override it to scale the
         rotation too: LlamaGen's zero rows for its class prefix zero that position's
         query and key (each of its keys scores 0 with every query).
         """
@@ -272,7 +273,7 @@ class PredictionUnit(PluginBase, nn.Module):
 
     def teacher_forcing(self, codes: list[torch.Tensor], tokenizer: Tokenizer) -> torch.Tensor:
         """Inputs of steps 1.. for training: features ``(b, l - l_0, c)``, or codes
-        ``(b, l - l_0)`` when :attr:`input_codes`."""
+        ``(b, l - l_0)`` when `input_codes`."""
         raise NotImplementedError
 
     # -- generation ------------------------------------------------------------
@@ -286,8 +287,9 @@ class PredictionUnit(PluginBase, nn.Module):
         """Record step ``step``'s codes ``(b, l_s)`` and embeddings ``(b, l_s, c)``.
 
         ``emb`` is ``tokenizer.embed(codes)`` or, with a soft sampler, a mixture of
-        codebook rows. Returns the next step's input features ``(b, l_{s+1}, c)`` (codes
-        ``(b, l_{s+1})`` when :attr:`input_codes`), or None after the last step.
+        codebook rows (during an edit, the kept positions hold the image's codes and
+        their embeddings). Returns the next step's input features ``(b, l_{s+1}, c)``
+        (codes ``(b, l_{s+1})`` when `input_codes`), or None after the last step.
         """
         raise NotImplementedError
 
@@ -298,6 +300,31 @@ class PredictionUnit(PluginBase, nn.Module):
     def generated_codes(self, state: dict) -> list[torch.Tensor]:
         """The generated code maps ``[(b, h_k, w_k)]``."""
         raise NotImplementedError
+
+    # -- editing -----------------------------------------------------------------
+    def keep_positions(self, keep: torch.Tensor) -> torch.Tensor:
+        """Which positions of the sequence an edit takes from the image: ``(b, l)`` bool.
+
+        Zero-shot editing (inpainting, outpainting, class-conditional editing) keeps
+        the image's own code wherever this is True and samples the others; the
+        generation loop does the replacing, so this mapping is all a unit provides.
+
+        Args:
+            keep: ``(b, hK, wK)`` float in [0, 1] on the tokenizer's last code grid:
+                the share of each latent position that the edit keeps (1: keep the
+                image, 0: regenerate it).
+
+        Returns:
+            ``(b, l)`` bool in the order of `targets`: True where the image's
+            code is kept at that position.
+
+        A unit that cannot say which of its positions a mask covers does not define
+        it; editing with it then stops with this error.
+        """
+        raise PluginError(
+            f"unit {self.name!r} cannot edit images: it does not map an edit mask onto the positions of "
+            "its steps (PredictionUnit.keep_positions); generate with it, or edit with a unit that defines it"
+        )
 
 
 # ------------------------------------------------------------------ attention backend
@@ -368,3 +395,48 @@ class Sampler(PluginBase):
         None (the default) embeds the sampled codes as they are.
         """
         return None
+
+    def sample_guided(
+        self,
+        cond: torch.Tensor,
+        uncond: torch.Tensor | None,
+        *,
+        t: float,
+        step: int,
+        num_steps: int,
+        generator: torch.Generator,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One step's codes (and soft weights) from its conditional and unconditional logits.
+
+        This is what the generation loop calls, once per step, with ``t =
+        guidance_scale(step, num_steps)``. The default applies guidance with
+        `apply_guidance` and calls `sample` and then `soft_weights` on
+        the result, so a sampler that only defines `sample` works as it is; a
+        sampler may override it to fuse guidance into its own pass over the logits.
+
+        Args:
+            cond: logits of the batch's labels ``(b, l, v)``.
+            uncond: logits of the "no class" index ``(b, l, v)``, or None when the loop
+                does not double the batch (``t`` is then 0).
+            t: the guidance of this step.
+
+        Returns:
+            ``(codes, weights)``: codes ``(b, l)`` int64 and, as `soft_weights`,
+            weights ``(b, l, v)`` or None. Every random draw comes from ``generator``.
+        """
+        logits = apply_guidance(cond, uncond, t)
+        codes = self.sample(logits, step=step, num_steps=num_steps, generator=generator)
+        weights = self.soft_weights(logits, step=step, num_steps=num_steps, generator=generator)
+        return codes, weights
+
+
+def apply_guidance(cond: torch.Tensor, uncond: torch.Tensor | None, t: float) -> torch.Tensor:
+    """Classifier-free guidance: ``(1 + t) · cond - t · uncond``; ``cond`` itself when ``t`` is 0.
+
+    ``uncond`` may be None only when ``t`` is 0.
+    """
+    if t == 0:
+        return cond
+    if uncond is None:
+        raise ValueError(f"guidance t={t} needs the unconditional logits")
+    return (1 + t) * cond - t * uncond

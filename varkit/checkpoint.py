@@ -23,10 +23,10 @@ a complete checkpoint (or no ``latest`` at all before the first one).
 ``torch.load(weights_only=True)``.
 
 A step directory damaged afterwards (a file cut short by a copy, a full disk, a bad
-sector) is found by :func:`checkpoint_problem` from the files' own structure (the
+sector) is found by `checkpoint_problem` from the files' own structure (the
 safetensors header against the file size, the zip directory at the end of
 ``trainer.pt``, ``recipe.yaml`` parsing), without reading the tensors:
-:func:`latest_checkpoint` then skips it with a warning naming it and what is wrong,
+`latest_checkpoint` then skips it with a warning naming it and what is wrong,
 and pruning removes it rather than counting it among the kept checkpoints.
 """
 
@@ -141,7 +141,7 @@ def latest_checkpoint(path: str | os.PathLike) -> Path | None:
     """The newest complete checkpoint at ``path``, or None when there is none.
 
     In a ``checkpoints/`` directory that is the one ``latest`` names, unless
-    :func:`checkpoint_problem` finds it damaged: then the newest complete step
+    `checkpoint_problem` finds it damaged: then the newest complete step
     directory, with a warning naming each damaged one skipped.
 
     Args:

@@ -333,7 +333,7 @@ def save_pretrained(
     *,
     card: ModelCard | None = None,
 ) -> Path:
-    """Write a model as a pretrained directory (:mod:`varkit.pretrained`).
+    """Write a model as a pretrained directory (`varkit.pretrained`).
 
     Args:
         loaded: the tokenizer, model (None for a tokenizer-only directory), recipe,
@@ -753,7 +753,7 @@ def init_model_weights(
     """Load pretrained ``state`` into a fresh ``model``, class rows through ``rows``.
 
     Every key must fit exactly except ``class_embed.weight``, whose rows are taken as
-    :func:`class_rows` says (its width must fit).
+    `class_rows` says (its width must fit).
 
     Raises:
         CheckpointError: naming the keys that do not fit the recipe's model.

@@ -5,6 +5,9 @@
 return a `Pipeline`; ``pipe.save_pretrained(dir)`` writes it as a pretrained
 directory. Where the weights come from is `varkit.loading` and
 `varkit.importers`; what a pipeline runs is `varkit.generation`.
+
+``Pipeline.generate`` samples images of classes; ``Pipeline.edit`` (and ``inpaint``,
+``outpaint``, ``change_class``) edits given images with no training.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from varkit.base import Sampler, Tokenizer
 from varkit.build import build_sampler
 from varkit.defaults import SMOOTH_SAMPLER
 from varkit.errors import VarkitError
-from varkit.generation import generate_images
+from varkit.generation import editing
+from varkit.generation.loop import generate_images
 from varkit.importers import llamagen as llamagen_release
 from varkit.importers import var as var_release
 from varkit.loading import Loaded, load_pretrained, resolve_classes, save_pretrained
@@ -74,14 +78,28 @@ class Pipeline:
 
     @property
     def dtype(self) -> torch.dtype:
-        """The dtype of the transformer's weights (the tokenizer stays float32)."""
-        return next(self.model.parameters()).dtype
+        """The dtype of the transformer's weights."""
+        return self.model.head.weight.dtype
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Pipeline:
-        """Move the pipeline to ``device``; ``dtype`` casts the transformer's weights (e.g.
-        ``torch.bfloat16`` halves their memory; generation then runs under autocast)."""
-        self.tokenizer.to(device)
-        self.model.to(device=device, dtype=dtype)
+    def to(self, device: torch.device | str | None = None, *, dtype: torch.dtype | None = None) -> Pipeline:
+        """Move the pipeline to ``device`` and/or convert the transformer's weights to ``dtype``.
+
+        ``pipe.to(dtype=torch.bfloat16)`` keeps a bfloat16 copy of the transformer only:
+        generation then runs it in bfloat16 with no autocast and no casts per step (the
+        fastest way on GPU, and what ``cuda_graphs=True`` wants). The tokenizer stays
+        float32: its feature arithmetic between steps needs it, and on CUDA its decoder
+        runs under bfloat16 autocast on channels_last tensors instead. On CUDA the
+        tokenizer's weights are kept channels_last.
+        """
+        if dtype is not None and not dtype.is_floating_point:
+            raise VarkitError(f"dtype {dtype} is not a floating-point dtype; use e.g. torch.bfloat16")
+        if device is not None:
+            self.tokenizer.to(device)
+            self.model.to(device)
+            if torch.device(device).type == "cuda":
+                self.tokenizer.to(memory_format=torch.channels_last)
+        if dtype is not None:
+            self.model.to(dtype=dtype)
         return self
 
     def class_indices(self, classes: str | list[int | str]) -> list[int]:
@@ -91,7 +109,7 @@ class Pipeline:
 
     def save_pretrained(self, directory: str | os.PathLike, *, card: ModelCard | None = None) -> Path:
         """Write this pipeline as a pretrained directory (weights as safetensors, the resolved
-        recipe, ``classes.json`` and a README model card); see :mod:`varkit.pretrained`.
+        recipe, ``classes.json`` and a README model card); see `varkit.pretrained`.
 
         Args:
             directory: where to write; an existing pretrained directory is replaced.
@@ -142,6 +160,7 @@ class Pipeline:
         sampler: str | Sampler | None = None,
         dtype: torch.dtype | None = None,
         sampler_options: Mapping[str, Any] | None = None,
+        cuda_graphs: bool = False,
     ) -> torch.Tensor:
         """Generate one image per label.
 
@@ -153,26 +172,143 @@ class Pipeline:
             seed: seeds the generator; the same seed gives the same images.
             more_smooth: VAR's smooth mode (the ``gumbel`` sampler).
             sampler: a sampler name or instance instead of the pipeline's own.
-            dtype: autocast dtype (e.g. ``torch.bfloat16`` on GPU); None runs in the
-                weights' dtype (autocast to it when they are not float32).
+            dtype: autocast dtype (e.g. ``torch.bfloat16`` on GPU); None runs the
+                transformer in its weights' dtype (see `to`).
             sampler_options: further options of the sampler's Config, by name (e.g.
                 ``{"min_p": 0.1}`` for a plugin sampler, ``{"temperature": 0.9}``).
+            cuda_graphs: replay CUDA graphs of the transformer's steps (CUDA only);
+                the first call records them, later calls of the same batch size reuse
+                them (see `varkit.generation.graphs`).
 
         Returns:
             Images ``(b, 3, H, W)`` in [0, 1].
         """
-        if more_smooth:
-            sampler = sampler or SMOOTH_SAMPLER
-        chosen = self.make_sampler(
-            sampler, **{**(sampler_options or {}), "cfg": cfg, "top_k": top_k, "top_p": top_p}
+        chosen = self._sampler(
+            sampler, more_smooth, **{**(sampler_options or {}), "cfg": cfg, "top_k": top_k, "top_p": top_p}
         )
         if isinstance(labels, list | tuple) and any(isinstance(c, str) for c in labels):
             labels = self.class_indices(list(labels))
         labels = torch.as_tensor(labels, dtype=torch.long, device=self.device).reshape(-1)
-        if dtype is None and self.dtype != torch.float32:
-            dtype = self.dtype
         generator = torch.Generator(device=self.device).manual_seed(seed)
-        return generate_images(self.model, self.tokenizer, chosen, labels, generator=generator, dtype=dtype)
+        return generate_images(
+            self.model,
+            self.tokenizer,
+            chosen,
+            labels,
+            generator=generator,
+            dtype=dtype,
+            cuda_graphs=cuda_graphs,
+        )
+
+    def _sampler(self, sampler, more_smooth: bool, **options) -> Sampler:
+        if more_smooth:
+            sampler = sampler or SMOOTH_SAMPLER
+        return self.make_sampler(sampler, **options)
+
+    def _edit_labels(self, labels, batch: int) -> torch.Tensor:
+        """``(b,)`` labels: None is "no class" for every image, an int is one class for all."""
+        num_classes = self.model.config.num_classes
+        if labels is None:
+            labels = [num_classes] * batch
+        elif isinstance(labels, int):
+            labels = [labels] * batch
+        labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+        if labels.numel() == 1 and batch > 1:
+            labels = labels.expand(batch)
+        if labels.numel() != batch:
+            raise VarkitError(f"{labels.numel()} labels for {batch} images: give one label, or one per image")
+        bad = labels[(labels < 0) | (labels > num_classes)].tolist()
+        if bad:
+            raise VarkitError(
+                f"class {bad[0]} is outside 0..{num_classes - 1} of this model (or {num_classes}: no class)"
+            )
+        return labels.to(self.device)
+
+    @torch.inference_mode()
+    def edit(
+        self,
+        images,
+        mask,
+        labels=None,
+        *,
+        keep_until_step: int = 0,
+        cfg: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int = 0,
+        more_smooth: bool = False,
+        sampler: str | Sampler | None = None,
+        dtype: torch.dtype | None = None,
+        cuda_graphs: bool = False,
+    ) -> torch.Tensor:
+        """Zero-shot editing: regenerate the images where ``mask`` says, keep their codes elsewhere.
+
+        Works with every unit that defines ``keep_positions`` (``scale``, ``token``,
+        ``patch``); docs/editing.md has the arithmetic. Nothing is trained.
+
+        Args:
+            images: ``(b, 3, H, W)`` or ``(3, H, W)`` in [0, 1], or PIL image(s), at the
+                tokenizer's resolution.
+            mask: what to regenerate: 1 (white) regenerates, 0 (black) keeps; a tensor
+                ``(h, w)``, ``(b, h, w)`` or ``(b, 1, h, w)`` or PIL image(s), at the
+                image's size or the code grid's (`box_mask` draws boxes).
+            labels: the class to generate under: None (no class, the usual choice
+                for inpainting), one int for every image, or one per image.
+            keep_until_step: also keep every position of the steps before this one
+                (class-conditional editing: regenerate everything under a new label
+                while the image's coarse scales hold its layout).
+            cfg, top_k, top_p, seed, more_smooth, sampler, dtype, cuda_graphs: as
+                `generate`.
+
+        Returns:
+            Edited images ``(b, 3, H, W)`` in [0, 1].
+
+        Raises:
+            VarkitError: images or mask of the wrong size, a class out of range, a
+                step out of range; PluginError: a unit that cannot edit.
+        """
+        chosen = self._sampler(sampler, more_smooth, cfg=cfg, top_k=top_k, top_p=top_p)
+        images = editing.as_images(images, self.tokenizer)
+        labels = self._edit_labels(labels, images.shape[0])
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        return editing.edit_images(
+            self.model,
+            self.tokenizer,
+            chosen,
+            images,
+            mask,
+            labels,
+            generator=generator,
+            keep_until_step=keep_until_step,
+            dtype=dtype,
+            cuda_graphs=cuda_graphs,
+        )
+
+    def inpaint(self, images, box, labels=None, **options) -> torch.Tensor:
+        """Regenerate inside ``box`` ``(y0, x0, y1, x1)`` (fractions of height and width); keep the rest.
+
+        ``options`` as `edit`.
+        """
+        mask = editing.box_mask(box, editing.image_size(self.tokenizer))
+        return self.edit(images, mask, labels, **options)
+
+    def outpaint(self, images, box, labels=None, **options) -> torch.Tensor:
+        """Keep inside ``box`` ``(y0, x0, y1, x1)`` (fractions of height and width); regenerate around it.
+
+        ``options`` as `edit`.
+        """
+        mask = editing.box_mask(box, editing.image_size(self.tokenizer), outpaint=True)
+        return self.edit(images, mask, labels, **options)
+
+    def change_class(self, images, labels, *, keep_until_step: int, **options) -> torch.Tensor:
+        """Regenerate the whole image under ``labels``, keeping its steps before ``keep_until_step``.
+
+        For the ``scale`` unit the kept steps are the coarse scales: the layout stays,
+        the class-specific detail is redrawn (VAR's class-conditional editing).
+        ``options`` as `edit`.
+        """
+        mask = editing.full_mask(editing.image_size(self.tokenizer))
+        return self.edit(images, mask, labels, keep_until_step=keep_until_step, **options)
 
     @torch.inference_mode()
     def logits(self, codes: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
@@ -196,7 +332,7 @@ class Pipeline:
             card=loaded.card,
             source=loaded.source,
         )
-        return pipe.to(device, dtype)
+        return pipe.to(device, dtype=dtype)
 
 
 def from_pretrained(

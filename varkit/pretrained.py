@@ -178,7 +178,7 @@ def render_card(card: ModelCard, *, recipe: dict[str, Any], facts: dict[str, Any
 
 
 def read_card(directory: str | os.PathLike) -> ModelCard | None:
-    """The :class:`ModelCard` in a directory's README front matter, or None without one."""
+    """The `ModelCard` in a directory's README front matter, or None without one."""
     path = Path(directory) / CARD
     if not path.is_file():
         return None

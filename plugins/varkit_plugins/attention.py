@@ -1,9 +1,9 @@
 """Built-in attention backends: ``math``, ``sdpa``, ``flex`` and ``xformers``.
 
-Every backend implements :meth:`varkit.AttentionBackend.attend` with inputs
+Every backend implements `varkit.AttentionBackend.attend` with inputs
 ``(b, nh, l, hd)`` and must agree with ``math``, the plain reference, to float rounding
 (``tests/plugins/test_attention_contract.py`` checks every registered backend that is
-available). A mask is a :class:`varkit.masks.BlockCausal` (training over the full
+available). A mask is a `varkit.masks.BlockCausal` (training over the full
 sequence) or None (a cached generation step: every query sees every cached key).
 """
 

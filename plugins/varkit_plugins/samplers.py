@@ -1,9 +1,12 @@
 """Built-in samplers: ``topk_topp`` (VAR's default), ``greedy`` and ``gumbel``.
 
-A sampler turns one step's guided logits ``(b, l, v)`` into codes ``(b, l)`` and decides
-the classifier-free guidance ``t`` of each step; the generation loop applies
-``(1 + t) * cond - t * uncond`` before calling it. Every random draw comes from the
-``torch.Generator`` passed in, so the same seed gives the same codes.
+A sampler turns one step's logits ``(b, l, v)`` into codes ``(b, l)`` and decides the
+classifier-free guidance ``t`` of each step. The generation loop hands it the
+conditional and unconditional logits (``Sampler.sample_guided``); ``topk_topp`` and
+``gumbel`` do guidance ``(1 + t) · cond - t · uncond``, temperature, top-k and top-p in
+one pass over them and draw codes by an exponential race (`exponential_race`),
+which needs no host synchronisation and has static shapes. Every random draw comes
+from the ``torch.Generator`` passed in, so the same seed gives the same codes.
 """
 
 from __future__ import annotations
@@ -86,14 +89,53 @@ def filter_top_k_top_p(
     return values, index
 
 
-def _draw(values: torch.Tensor, index: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
-    """One code per row of ``values`` ``(n, k)``, drawn from their softmax."""
-    pick = torch.multinomial(values.softmax(dim=-1), 1, generator=generator)  # (n, 1)
+def guided_logits(
+    cond: torch.Tensor, uncond: torch.Tensor | None, *, t: float, temperature: float
+) -> torch.Tensor:
+    """``((1 + t) · cond - t · uncond) / temperature`` in float32, in one elementwise pass.
+
+    ``cond`` and ``uncond`` are ``(..., v)``; ``uncond`` may be None when ``t`` is 0.
+    Guidance is written as ``lerp(uncond, cond, 1 + t)``, one kernel instead of three;
+    the temperature divides in place.
+    """
+    cond = cond.float()
+    if t == 0:
+        return cond if temperature == 1 else cond / temperature
+    if uncond is None:
+        raise ValueError(f"guidance t={t} needs the unconditional logits")
+    logits = torch.lerp(uncond.float(), cond, 1.0 + t)
+    return logits if temperature == 1 else logits.div_(temperature)
+
+
+def exponential_race(
+    values: torch.Tensor, index: torch.Tensor | None, generator: torch.Generator
+) -> torch.Tensor:
+    """One code per row of ``values`` ``(n, k)``, drawn from their softmax, without a host sync.
+
+    Each candidate ``i`` of a row gets an independent ``E_i ~ Exp(1)``; the winner is
+    ``argmax_i(values_i - log E_i)``, i.e. the smallest ``E_i / p_i``. ``E_i / p_i`` is
+    exponential with rate ``p_i``, and the smallest of independent exponentials is
+    ``i`` with probability ``p_i / sum(p)``: exactly the softmax, with no normalisation,
+    no cumulative sum and no ``torch.multinomial`` (which reads its result back to the
+    host). Shapes are static, so the draw can live in a CUDA graph. Candidates at
+    ``-inf`` never win. ``index`` ``(n, k)`` maps candidates to codes (None: the
+    candidates are the codes).
+    """
+    noise = torch.empty_like(values, dtype=torch.float32).exponential_(generator=generator)
+    # An exact 0 (probability ~2^-24 per draw) would make log E = -inf and let a
+    # -inf candidate tie at nan; the smallest normal float keeps the race well defined.
+    noise.clamp_(min=torch.finfo(torch.float32).tiny)
+    pick = (values - noise.log_()).argmax(dim=-1, keepdim=True)  # (n, 1)
     return (pick if index is None else index.gather(-1, pick)).squeeze(-1)
 
 
 class TopKTopP(Sampler):
-    """Top-k, then top-p on what is left, then a multinomial draw (VAR's sampler)."""
+    """Guidance, temperature, top-k, then top-p on what is left, then an exponential race.
+
+    VAR's sampler. The codes follow the same distribution as VAR's
+    ``torch.multinomial`` draw (tested), but the random stream differs: a seed gives
+    other images than the official code's.
+    """
 
     name = "topk_topp"
     Config = TopKTopPConfig
@@ -101,11 +143,27 @@ class TopKTopP(Sampler):
     def guidance_scale(self, step: int, num_steps: int) -> float:
         return guidance_scale(self.config, step, num_steps)
 
+    def candidates(
+        self, cond: torch.Tensor, uncond: torch.Tensor | None, t: float
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The guided, tempered candidates of every position: ``(values, index)`` as
+        `filter_top_k_top_p` returns them for ``(b·l, v)`` rows."""
+        b, l, vocab = cond.shape
+        flat = guided_logits(
+            cond.reshape(b * l, vocab),
+            None if uncond is None else uncond.reshape(b * l, vocab),
+            t=t,
+            temperature=self.config.temperature,
+        )
+        return filter_top_k_top_p(flat, top_k=self.config.top_k, top_p=self.config.top_p)
+
     def sample(self, logits, *, step, num_steps, generator):
-        b, l, _ = logits.shape
-        flat = logits.reshape(b * l, -1).float() / self.config.temperature
-        values, index = filter_top_k_top_p(flat, top_k=self.config.top_k, top_p=self.config.top_p)
-        return _draw(values, index, generator).reshape(b, l)
+        values, index = self.candidates(logits, None, 0.0)
+        return exponential_race(values, index, generator).reshape(logits.shape[:2])
+
+    def sample_guided(self, cond, uncond, *, t, step, num_steps, generator):
+        values, index = self.candidates(cond, uncond, t)
+        return exponential_race(values, index, generator).reshape(cond.shape[:2]), None
 
 
 class Greedy(Sampler):
@@ -133,15 +191,24 @@ class Gumbel(TopKTopP):
     name = "gumbel"
 
     def soft_weights(self, logits, *, step, num_steps, generator):
-        b, l, vocab = logits.shape
+        values, index = self.candidates(logits, None, 0.0)
+        return self._mixture(values, index, logits.shape, step, num_steps, generator)
+
+    def sample_guided(self, cond, uncond, *, t, step, num_steps, generator):
+        values, index = self.candidates(cond, uncond, t)
+        codes = exponential_race(values, index, generator).reshape(cond.shape[:2])
+        return codes, self._mixture(values, index, cond.shape, step, num_steps, generator)
+
+    @staticmethod
+    def _mixture(values, index, shape, step, num_steps, generator) -> torch.Tensor:
+        """Gumbel-softmax weights ``(b, l, v)`` over the candidates ``values`` ``(b·l, k)``."""
+        b, l, vocab = shape
         ratio = step / (num_steps - 1) if num_steps > 1 else 1.0
         tau = max(0.27 * (1 - 0.95 * ratio), 0.005)
-        flat = logits.reshape(b * l, vocab).float() / self.config.temperature
-        values, index = filter_top_k_top_p(flat, top_k=self.config.top_k, top_p=self.config.top_p)
         noise = -torch.empty_like(values).exponential_(generator=generator).log()  # Gumbel(0, 1)
-        weights = F.softmax((values * (1 + ratio) + noise) / tau, dim=-1)  # (n, k)
+        weights = F.softmax((values * (1 + ratio) + noise) / tau, dim=-1)  # (b·l, k)
         if index is not None:
-            weights = torch.zeros_like(flat).scatter_(-1, index, weights)
+            weights = values.new_zeros(b * l, vocab).scatter_(-1, index, weights)
         return weights.reshape(b, l, vocab)
 
 

@@ -108,3 +108,29 @@ def test_concat_cache_is_swapped_for_one_model_only(bench):
     with official.concat_cache(harness.model) as model:
         assert isinstance(model.new_cache(2), official.ConcatKVCache)
     assert type(harness.model.new_cache(2)).__name__ == "KVCache"
+
+
+def test_generation_steps_quick(bench, tmp_path):
+    out = tmp_path / "steps.json"
+    payload = bench("generation_steps").main([*FAST, "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(payload))
+    variants = {(r["section"].split(",")[0], r["what"]) for r in payload["results"]}
+    assert ("sampler", "race (topk_topp)") in variants and ("generation", "static-shape steps") in variants
+    assert all(r["ms"] > 0 for r in payload["results"])
+
+
+def test_the_replaced_sampling_rule_draws_from_the_same_distribution(bench):
+    """The benchmark's "before" side samples what topk_topp samples (only the draw differs)."""
+    official = bench("generation_steps")
+    from varkit_plugins.samplers import TopKTopP
+
+    config = TopKTopP.Config(top_k=3, top_p=0.0, cfg=0.0)
+    logits = torch.tensor([[[2.0, 1.0, 0.5, -1.0, -3.0]]]).expand(1, 20_000, 5)
+    g = torch.Generator().manual_seed(0)
+    before, _ = official.MultinomialTopKTopP(config).sample_guided(
+        logits, None, t=0.0, step=0, num_steps=1, generator=g
+    )
+    after, _ = TopKTopP(config).sample_guided(logits, None, t=0.0, step=0, num_steps=1, generator=g)
+    freq = [torch.bincount(c.flatten(), minlength=5).float() / c.numel() for c in (before, after)]
+    assert freq[0][3:].sum() == 0 and freq[1][3:].sum() == 0
+    torch.testing.assert_close(freq[0], freq[1], atol=0.02, rtol=0)

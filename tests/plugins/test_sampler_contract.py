@@ -163,3 +163,93 @@ def test_gumbel_sharpens_towards_the_last_step():
 
 def test_topk_topp_has_no_soft_weights():
     assert TopKTopP().soft_weights(_logits(), step=0, num_steps=2, generator=torch.Generator()) is None
+
+
+# ------------------------------------------------------------ the exponential race
+
+
+def _chi2_quantile(dof: int, z: float) -> float:
+    """The chi-square quantile of standard-normal quantile ``z`` (Wilson-Hilferty)."""
+    c = 2 / (9 * dof)
+    return dof * (1 - c + z * c**0.5) ** 3
+
+
+@pytest.mark.parametrize(
+    ("top_k", "top_p", "temperature", "t"),
+    [(0, 0.0, 1.0, 0.0), (5, 0.0, 1.0, 0.0), (0, 0.8, 1.0, 0.0), (6, 0.9, 0.7, 0.0), (0, 0.0, 1.3, 1.5)],
+)
+def test_the_race_draws_from_the_filtered_softmax(top_k, top_p, temperature, t):
+    """Chi-square goodness of fit of 40,000 draws per row against the probabilities the
+    filter leaves (guidance and temperature applied first); a code the filter drops is
+    never drawn."""
+    vocab, n = 10, 40_000
+    g = torch.Generator().manual_seed(top_k + 10 * int(top_p * 10))
+    cond, uncond = torch.randn(2, 1, vocab, generator=g) * 1.5
+    sampler = TopKTopP(TopKTopP.Config(top_k=top_k, top_p=top_p, temperature=temperature))
+    codes, weights = sampler.sample_guided(
+        cond.expand(n, 1, vocab),
+        uncond.expand(n, 1, vocab),
+        t=t,
+        step=1,
+        num_steps=2,
+        generator=torch.Generator().manual_seed(1),
+    )
+    assert weights is None
+    guided = ((1 + t) * cond - t * uncond) / temperature  # (1, v)
+    values, index = filter_top_k_top_p(guided, top_k=top_k, top_p=top_p)
+    probs = values.softmax(-1)
+    probs = probs[0] if index is None else torch.zeros(1, vocab).scatter_(-1, index, probs)[0]
+    counts = torch.bincount(codes.flatten(), minlength=vocab).double()
+    assert counts[probs == 0].sum() == 0
+    expected = probs.double() * n
+    kept = expected > 0
+    chi2 = float(((counts[kept] - expected[kept]) ** 2 / expected[kept]).sum())
+    dof = int(kept.sum()) - 1
+    assert chi2 < _chi2_quantile(dof, 3.29), (chi2, dof)  # p > 0.0005 under the null
+
+
+def test_fused_guidance_draws_what_the_unfused_rule_draws():
+    """sample_guided (guidance fused into the sampler's pass) == guidance, then sample."""
+    from varkit.base import apply_guidance
+
+    cond, uncond = _logits(b=4, l=9, v=40, seed=5), _logits(b=4, l=9, v=40, seed=6)
+    for name in ("topk_topp", "gumbel"):
+        sampler = _make(name, top_k=12, top_p=0.9, temperature=0.8)
+        for t in (0.0, 1.5):
+            fused = sampler.sample_guided(
+                cond, uncond, t=t, step=1, num_steps=3, generator=torch.Generator().manual_seed(2)
+            )
+            g = torch.Generator().manual_seed(2)
+            logits = apply_guidance(cond, uncond, t)
+            codes = sampler.sample(logits, step=1, num_steps=3, generator=g)
+            weights = sampler.soft_weights(logits, step=1, num_steps=3, generator=g)
+            assert torch.equal(fused[0], codes)
+            assert (weights is None and fused[1] is None) or torch.allclose(fused[1], weights, atol=1e-6)
+
+
+def test_no_multinomial(monkeypatch):
+    """torch.multinomial reads its result back to the host; the built-in samplers never call it."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.multinomial called")
+
+    monkeypatch.setattr(torch, "multinomial", refuse)
+    for name in ("topk_topp", "gumbel", "greedy"):
+        sampler = _make(name, top_k=5, top_p=0.9)
+        sampler.sample_guided(
+            _logits(), _logits(seed=1), t=1.0, step=0, num_steps=2, generator=torch.Generator()
+        )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host synchronisation is a CUDA matter")
+def test_sampling_does_not_synchronise_with_the_host():
+    logits = _logits(b=8, l=64, v=4096).cuda()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for name in ("topk_topp", "gumbel"):
+            _make(name, top_k=900, top_p=0.96).sample_guided(
+                logits, logits.flip(0), t=1.5, step=3, num_steps=10, generator=torch.Generator("cuda")
+            )
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -22,7 +22,7 @@ from varkit.errors import CheckpointError, RecipeError
 from varkit.evaluate import class_following
 from varkit.loading import class_rows, freeze_parameters, init_model_weights
 from varkit.train import run
-from varkit.train.ar import ARTrainer
+from varkit.train.loop import TrainingLoop
 
 SYNTHETIC = ("red circle", "orange square", "yellow triangle", "lime diamond", "green plus", "cyan ring")
 
@@ -150,7 +150,7 @@ def test_a_resumed_finetune_continues_from_its_own_checkpoint(
     tmp_path, pretrained_4, fake_stream, monkeypatch
 ):
     sections = {**_classes(4), "init": {"weights": str(pretrained_4), "freeze": ["blocks.0.attn"]}}
-    original = ARTrainer._save
+    original = TrainingLoop._save
 
     def save_then_crash(self):
         path = original(self)
@@ -158,10 +158,10 @@ def test_a_resumed_finetune_continues_from_its_own_checkpoint(
             raise KeyboardInterrupt
         return path
 
-    monkeypatch.setattr(ARTrainer, "_save", save_then_crash)
+    monkeypatch.setattr(TrainingLoop, "_save", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
         run(tiny_recipe(tmp_path / "ft", **sections))
-    monkeypatch.setattr(ARTrainer, "_save", original)
+    monkeypatch.setattr(TrainingLoop, "_save", original)
 
     def no_init(*args, **kwargs):
         raise AssertionError("a resumed run must not load init.weights again")

@@ -1,6 +1,6 @@
 """The ``varkit`` command line.
 
-Every subcommand has ``--help``. Errors a user can cause (:class:`VarkitError`) print
+Every subcommand has ``--help``. Errors a user can cause (`VarkitError`) print
 as one paragraph on stderr and exit with status 2; argparse's own usage errors exit
 with 2 as well.
 """
@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from varkit.cli import evaluate, imports, metrics, plugins, run, sample, shards
+from varkit.cli import edit, evaluate, imports, metrics, plugins, run, sample, shards
 from varkit.errors import VarkitError
 from varkit.version import __version__
 
@@ -25,7 +25,7 @@ Command = Callable[[argparse.Namespace], int]
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     parser = argparse.ArgumentParser(
         prog="varkit",
-        description="Visual autoregressive image generation: train, sample, evaluate, import.",
+        description="Visual autoregressive image generation: train, sample, edit, evaluate, import.",
     )
     parser.add_argument("--version", action="version", version=f"varkit {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -40,7 +40,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
 #: The subcommand modules. Each has ``add_commands(sub, commands)``: it adds its
 #: parsers to ``sub`` and its handlers (``Namespace -> exit status``) to ``commands``
 #: under the subcommand's name.
-COMMAND_MODULES = (plugins, run, sample, evaluate, metrics, shards, imports)
+COMMAND_MODULES = (plugins, run, sample, edit, evaluate, metrics, shards, imports)
 
 
 def setup_logging(verbose: bool = False) -> None:

@@ -107,7 +107,7 @@ class ImageSet:
         return self._read
 
     def describe(self) -> dict[str, Any]:
-        """Where the images came from, how many and which (after :meth:`batches` ran)."""
+        """Where the images came from, how many and which (after `batches` ran)."""
         out: dict[str, Any] = {"path": self.path, "kind": self.kind, "images": self._read}
         if self.resolution is not None:
             out["resolution"] = list(self.resolution)

@@ -38,7 +38,7 @@ def evaluate(
 
     Args:
         pipe: what holds the ``tokenizer``, ``model`` and ``recipe`` (a
-            :class:`varkit.pipeline.Pipeline` or a :class:`varkit.loading.Loaded`); it
+            `varkit.pipeline.Pipeline` or a `varkit.loading.Loaded`); it
             runs where its model is.
         batch_size: images per forward pass.
         max_images: stop after this many validation images (None: all of them).

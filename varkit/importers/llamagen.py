@@ -131,7 +131,7 @@ def _not_a_gpt(state: dict[str, torch.Tensor], missing: list[str], path: str = "
 
 
 def llamagen_model_config(state: dict[str, torch.Tensor], *, heads: int | None = None) -> ModelConfig:
-    """The :class:`ModelConfig` of a LlamaGen class-conditional GPT, read off its shapes.
+    """The `ModelConfig` of a LlamaGen class-conditional GPT, read off its shapes.
 
     Depth (``layers.i``), width and classes (``cls_embedding``), and the SwiGLU width
     come from the tensors; heads from the size's table or ``heads``; dropouts, norm
@@ -217,7 +217,7 @@ def convert_llamagen_gpt(
     *,
     rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """A LlamaGen GPT state dict renamed (and its q/k rows reordered) to :class:`ARModel`'s keys.
+    """A LlamaGen GPT state dict renamed (and its q/k rows reordered) to `ARModel`'s keys.
 
     Every key must be present with the shape the architecture implies, and every key
     is consumed. ``freqs_cis``, which older files hold, is checked against ``rotary``

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 class KVCache:
@@ -17,6 +18,13 @@ class KVCache:
     alone, never on the position). ``positions`` (the unit's position embedding
     ``(1, l, d)``) and ``rotary`` (cosines and sines of its rotary angles, or None) are
     likewise computed once at step 0 and sliced by each step.
+
+    A step either writes at ``length`` (a Python slice: the shapes change with the
+    position) or, for a static-shape step, at the device positions ``write_index``
+    set by the model: then every step of one length runs the same kernels on the same
+    shapes, reads the whole cache and masks the positions it may not see, which is
+    what a CUDA graph replayed at every position needs. Such a cache is made with
+    ``zeroed=True``: the masked positions are read too and must be finite.
     """
 
     def __init__(
@@ -29,12 +37,19 @@ class KVCache:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device | str,
+        zeroed: bool = False,
     ):
-        self.kv = torch.empty(depth, 2, batch, heads, max_len, head_dim, dtype=dtype, device=device)
+        # A static-shape step reads positions not written yet (masked): they must hold
+        # finite numbers, since a masked weight of 0 times a NaN is still NaN.
+        alloc = torch.zeros if zeroed else torch.empty
+        self.kv = alloc(depth, 2, batch, heads, max_len, head_dim, dtype=dtype, device=device)
         self.length = 0
         self.modulation: list[torch.Tensor] | None = None
         self.positions: torch.Tensor | None = None
         self.rotary: tuple[torch.Tensor, torch.Tensor] | None = None
+        #: Positions ``(n,)`` (int64, on the cache's device) a static-shape step writes;
+        #: None for a step that writes at ``length``.
+        self.write_index: torch.Tensor | None = None
 
     def __repr__(self) -> str:
         depth, _, b, nh, l, hd = self.kv.shape
@@ -54,12 +69,23 @@ class KVCache:
     def dtype(self) -> torch.dtype:
         return self.kv.dtype
 
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write block ``layer``'s new keys and values ``(b, nh, n, hd)`` after ``length``.
+    @property
+    def device(self) -> torch.device:
+        return self.kv.device
 
-        Returns the keys and values of every position so far, ``(b, nh, length + n, hd)``
-        (views into the cache). Call `advance` once all blocks have written.
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write block ``layer``'s new keys and values ``(b, nh, n, hd)``.
+
+        They go after ``length``, or at ``write_index`` during a static-shape step.
+        Returns the keys and values the step's queries attend to (views into the
+        cache): ``(b, nh, length + n, hd)``, or the whole cache ``(b, nh, max_len, hd)``
+        during a static-shape step (whose attention masks the positions not yet
+        written). Call `advance` once all blocks have written.
         """
+        if self.write_index is not None:
+            self.kv[layer, 0].index_copy_(2, self.write_index, k.to(self.kv.dtype))
+            self.kv[layer, 1].index_copy_(2, self.write_index, v.to(self.kv.dtype))
+            return self.kv[layer, 0], self.kv[layer, 1]
         end = self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(
@@ -80,3 +106,27 @@ class KVCache:
         self.modulation = None
         self.positions = None
         self.rotary = None
+        self.write_index = None
+
+
+class VisibleKeys:
+    """Attention of a static-shape cached step: queries see the cache positions ``visible``.
+
+    A static-shape step attends over the whole cache ``(b, nh, max_len, hd)``; the
+    positions after its own are masked instead of sliced off, so the shapes do not
+    depend on where the step is. It runs ``torch.nn.functional.scaled_dot_product_attention``
+    with the boolean mask; eager cached steps (no mask at all) use the model's backend.
+
+    Args:
+        visible: ``(max_len,)`` bool: True at the positions written so far, the step's
+            own included.
+    """
+
+    def __init__(self, visible: torch.Tensor):
+        self.visible = visible[None, None, None, :]  # (1, 1, 1, max_len): broadcast over b, nh, queries
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: object, scale: float
+    ) -> torch.Tensor:
+        """``(b, nh, lq, hd)`` attention of ``q`` over the cache ``k``, ``v`` ``(b, nh, max_len, hd)``."""
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.visible, scale=scale)

@@ -37,7 +37,7 @@ from varkit import validators as V
 from varkit.base import AttentionBackend, PredictionUnit
 from varkit.errors import VarkitError
 from varkit.masks import BlockCausal
-from varkit.model.kv_cache import KVCache
+from varkit.model.kv_cache import KVCache, VisibleKeys
 
 #: Upper bound of the learned attention temperature ``exp(scale_mul)`` (VAR: 100).
 MAX_SCALE_MUL = math.log(100.0)
@@ -545,10 +545,12 @@ class ARModel(nn.Module):
     def _logits(self, x: torch.Tensor, modulation: torch.Tensor | None) -> torch.Tensor:
         """Final norm and head: ``(b, l, d) -> (b, l, v)`` float32."""
         if modulation is None:
-            return self.head(self.head_norm(x.float())).float()
-        scale, shift = modulation.unbind(2)
-        x = _modulate(_norm(x.float(), self.config.norm, self.config.norm_eps), scale, shift)
-        return self.head(x).float()
+            x = self.head_norm(x.float())
+        else:
+            scale, shift = modulation.unbind(2)
+            x = _modulate(_norm(x.float(), self.config.norm, self.config.norm_eps), scale, shift)
+        # With weights in bfloat16 and no autocast (pipe.to(dtype=...)), x is float32 here.
+        return self.head(x.to(self.head.weight.dtype)).float()
 
     def _class_tokens(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The class embedding ``(b, class_tokens · d)`` and the sequence's start ``(b, prefix + l_0, d)``.
@@ -642,9 +644,19 @@ class ARModel(nn.Module):
 
     # -- generation ------------------------------------------------------------------------
     def new_cache(
-        self, batch: int, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+        self,
+        batch: int,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        static: bool = False,
     ) -> KVCache:
-        """A preallocated KV cache for generating ``batch`` sequences (dtype/device: the model's)."""
+        """A preallocated KV cache for generating ``batch`` sequences (dtype/device: the model's).
+
+        ``static=True`` makes a cache for static-shape steps (``forward_step(...,
+        position=...)``), which read the positions not yet written under a mask: it
+        starts zeroed.
+        """
         ref = self.head.weight
         return KVCache(
             depth=self.config.depth,
@@ -654,10 +666,17 @@ class ARModel(nn.Module):
             head_dim=self.config.head_dim,
             dtype=dtype or ref.dtype,
             device=device or ref.device,
+            zeroed=static,
         )
 
     def forward_step(
-        self, inputs: torch.Tensor | None, labels: torch.Tensor, cache: KVCache, step: int
+        self,
+        inputs: torch.Tensor | None,
+        labels: torch.Tensor,
+        cache: KVCache,
+        step: int,
+        *,
+        position: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits of step ``step`` given the cache of the steps before.
 
@@ -670,6 +689,14 @@ class ARModel(nn.Module):
                 AdaLN modulation of ``labels`` and the position embedding and rotary
                 tables, reused by the later steps.
             step: which step, ``0 <= step < len(unit.step_lengths)``, in order.
+            position: for a static-shape step, the step's first position as a 0-dim int64
+                tensor on the model's device (equal to ``model.step_starts[step]``).
+                Positions are then gathered by index, the cache is written at those
+                indices and attention masks the positions after the step instead of
+                slicing them off: every step of one length runs the same kernels on
+                the same shapes, so one captured CUDA graph serves them all. Needs a
+                cache made with ``new_cache(..., static=True)``. None (the default)
+                slices by the Python position.
 
         Returns:
             Logits ``(b, l_s, v)`` in float32.
@@ -696,10 +723,24 @@ class ARModel(nn.Module):
                 raise VarkitError(f"step {step} needs its inputs ({b}, {end - start}, ...)")
             self._check_features(inputs, b, end - start, f"inputs of step {step}")
             x = self._embed_inputs(inputs)  # (b, l_s, d)
-        x = x + cache.positions[:, start:end]
-        rotary = None if cache.rotary is None else tuple(t[start:end] for t in cache.rotary)
-        for i, (block, mod) in enumerate(zip(self.blocks, cache.modulation, strict=False)):
-            x = block(x, mod, backend=self.attention, mask=None, rotary=rotary, cache=cache, layer=i)
+        backend = self.attention
+        if position is None:
+            x = x + cache.positions[:, start:end]
+            rotary = None if cache.rotary is None else tuple(t[start:end] for t in cache.rotary)
+        else:
+            index = position + torch.arange(
+                end - start, device=position.device
+            )  # (l_s,) this step's positions
+            x = x + cache.positions.index_select(1, index)
+            rotary = None if cache.rotary is None else tuple(t.index_select(0, index) for t in cache.rotary)
+            visible = torch.arange(cache.max_len, device=position.device) <= index[-1]  # (max_len,)
+            backend = VisibleKeys(visible)
+            cache.write_index = index
+        try:
+            for i, (block, mod) in enumerate(zip(self.blocks, cache.modulation, strict=False)):
+                x = block(x, mod, backend=backend, mask=None, rotary=rotary, cache=cache, layer=i)
+        finally:
+            cache.write_index = None
         cache.advance(end - start)
         if step == 0:
             x = x[:, self.prefix :]

@@ -1,11 +1,11 @@
 """The training options of a recipe: ``train:`` (AR model) and ``tokenizer_train:``.
 
 Each stage has its own config class, so an option a stage would ignore is an unknown
-key of its section: :class:`StageConfig` holds what every stage of the training loop
+key of its section: `StageConfig` holds what every stage of the training loop
 uses (length, batch, optimizer, schedule, precision, checkpoints, outputs),
-:class:`TrainConfig` (``train:``) adds the AR stage's own options (EMA, compile,
+`TrainConfig` (``train:``) adds the AR stage's own options (EMA, compile,
 DDP/FSDP, activation checkpointing, label smoothing, the sample grid) and
-:class:`TokenizerTrainConfig` (``tokenizer_train:``) is the common set alone.
+`TokenizerTrainConfig` (``tokenizer_train:``) is the common set alone.
 
 The defaults are VAR's ImageNet-256 recipe (arXiv 2404.02905, its official release):
 AdamW (0.9, 0.95), peak lr ``1e-4 · batch / 256``, weight decay 0.05, grad-norm clip

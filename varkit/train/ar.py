@@ -4,7 +4,7 @@ A frozen tokenizer turns images into code maps on the fly (or the data stream ha
 over codes); the unit turns codes into teacher-forcing inputs ``(b, l - l_0, c)`` and
 targets ``(b, l)``; the model predicts logits ``(b, l, v)``; the loss is the
 cross-entropy averaged over every position of every image. The loop around it is
-:mod:`varkit.train.loop`.
+`varkit.train.loop`.
 """
 
 from __future__ import annotations

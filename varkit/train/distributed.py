@@ -1,8 +1,8 @@
 """Process groups and model wrappers for ``torchrun`` scale-out.
 
-Everything here takes a :class:`DistEnv` (rank, world size, device) explicitly; the
+Everything here takes a `DistEnv` (rank, world size, device) explicitly; the
 only process-wide state is PyTorch's default process group, created once by
-:func:`init_distributed` from the variables torchrun sets.
+`init_distributed` from the variables torchrun sets.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class DistEnv:
 
 
 def env_from_torchrun(environ: Mapping[str, str] = os.environ, *, device: str | None = None) -> DistEnv:
-    """The :class:`DistEnv` that torchrun's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` describe.
+    """The `DistEnv` that torchrun's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` describe.
 
     Without torchrun this is rank 0 of 1. The device is ``cuda:LOCAL_RANK`` when CUDA is
     available, else the CPU, unless ``device`` names one.
@@ -184,7 +184,7 @@ def checkpoint_activations(model: nn.Module) -> None:
     parameter names, state dicts and checkpoints stay the same. The RNG state is
     stashed and replayed, so drop-path masks and dropout are the same in the recompute
     and the result is bitwise that of a run without it. Apply it before
-    :func:`compile_model` and :func:`wrap_model` (FSDP gathers a block's weights
+    `compile_model` and `wrap_model` (FSDP gathers a block's weights
     around the whole checkpointed forward and again before its backward).
     """
     for block in _blocks(model, "train.activation_checkpointing"):
@@ -237,7 +237,7 @@ def wrap_model(
     One process: ``model`` itself. DDP: a ``DistributedDataParallel`` wrapper (it
     broadcasts rank 0's weights at construction). FSDP: ``model`` sharded in place with
     FSDP2's ``fully_shard``, each block of ``model.blocks`` on its own, then the root,
-    with :func:`fsdp_mixed_precision` of ``mixed_precision`` (the autocast dtype).
+    with `fsdp_mixed_precision` of ``mixed_precision`` (the autocast dtype).
     """
     if not env.distributed:
         return model
@@ -299,7 +299,7 @@ def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, env: Dis
 def load_optimizer_state(
     model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, env: DistEnv
 ) -> None:
-    """Load what :func:`optimizer_state` returned (for a sharded model, rank 0's copy is broadcast)."""
+    """Load what `optimizer_state` returned (for a sharded model, rank 0's copy is broadcast)."""
     if env.distributed and is_sharded_module(model):
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
         set_optimizer_state_dict(model, optimizer, state if env.main else {}, options=options)

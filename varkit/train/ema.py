@@ -55,7 +55,7 @@ class EMA:
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Load averaged weights saved by :meth:`state_dict` (buffers are ignored)."""
+        """Load averaged weights saved by `state_dict` (buffers are ignored)."""
         for name, shadow in self.shadow.items():
             value = state[name]
             if is_sharded(shadow):

@@ -1,6 +1,6 @@
-"""The training loop: one for every :class:`~varkit.train.stage.Stage`.
+"""The training loop: one for every `varkit.train.stage.Stage`.
 
-:class:`TrainingLoop` resumes a stage from its newest complete checkpoint (weights,
+`TrainingLoop` resumes a stage from its newest complete checkpoint (weights,
 optimizer and scaler states, EMA, every rank's RNG and data position; FSDP-sharded
 modules through full state dicts), then runs its steps: the lr and weight-decay
 schedule, ``grad_accum`` micro-batches (gradient sync on the last only), the optimizer
@@ -108,7 +108,7 @@ class NonFinite:
         self.first_bad = torch.where(bad & (self.first_bad < 0), step, self.first_bad)
 
     def check(self, env: DistEnv, *, stage: str, last_good: str | None) -> None:
-        """Raise :class:`TrainingError` when any rank saw a non-finite loss."""
+        """Raise `TrainingError` when any rank saw a non-finite loss."""
         flag = self.first_bad.clone()
         if env.distributed:
             flag = torch.where(flag < 0, torch.iinfo(torch.long).max, flag)
@@ -133,7 +133,7 @@ class CheckpointClock:
     """Says when a checkpoint is due: every ``every`` steps and every ``minutes`` minutes.
 
     The timer is read on rank 0 and its verdict broadcast, every
-    :data:`TIMER_CHECK_EVERY` steps, so that every rank saves at the same step.
+    `TIMER_CHECK_EVERY` steps, so that every rank saves at the same step.
     """
 
     def __init__(self, every: int, minutes: float, env: DistEnv):
@@ -155,8 +155,8 @@ class CheckpointClock:
 class MetricWindow:
     """Sums of metrics over the steps between two log lines, kept on the device.
 
-    :meth:`add` accumulates device tensors (sums over a micro-batch's images, or one
-    value per optimizer step) without reading them; :meth:`reduce` sums them over
+    `add` accumulates device tensors (sums over a micro-batch's images, or one
+    value per optimizer step) without reading them; `reduce` sums them over
     processes in one all-reduce, reads them in one device sync and divides each by
     the images (or steps) that had it, so a metric that starts mid-window (a
     discriminator's) is averaged over the micro-batches that had it.
@@ -247,7 +247,7 @@ def start_batches(stream, resumed: dict[str, Any] | None, seed: int, env: DistEn
     The stream's iterator is created lazily, at the first batch, in a fresh run and in
     a resumed one alike; a stream whose loader draws from the global RNG when it is
     created must make that draw the same in both (see
-    :class:`varkit.data.stream.TrainStream`).
+    `varkit.data.stream.TrainStream`).
     """
     batches = Batches(stream)
     if resumed is not None:
@@ -306,7 +306,7 @@ def save_stage(
 
 
 class TrainingLoop:
-    """Runs a :class:`~varkit.train.stage.Stage` to its last step, resuming where it stopped.
+    """Runs a `varkit.train.stage.Stage` to its last step, resuming where it stopped.
 
     Args:
         stage: the stage, built (modules with their seeded weights, data stream).

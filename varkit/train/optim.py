@@ -39,7 +39,7 @@ def no_decay_names(module: nn.Module) -> set[str]:
 def param_groups(
     module: nn.Module, weight_decay: float, *, exclude: Iterable[nn.Parameter] = ()
 ) -> list[dict]:
-    """AdamW parameter groups: ``decay`` (matrices) and ``no_decay`` (see :func:`no_decay_names`).
+    """AdamW parameter groups: ``decay`` (matrices) and ``no_decay`` (see `no_decay_names`).
 
     Only parameters that require grad are included; ``exclude`` drops more (the
     discriminator of a tokenizer, which has its own optimizer). Each group carries a

@@ -1,14 +1,14 @@
 """The run directory of ``varkit run``: who may use it, with which recipe.
 
-:class:`RunDirectory` opens ``out_dir`` for one run: it creates it (one clear error
+`RunDirectory` opens ``out_dir`` for one run: it creates it (one clear error
 when it cannot: a file in the way, no permission, a full disk), takes ``run.lock`` so
 that a second run on the same directory stops at once naming the holder, and checks
 the recipe against the one stored with the newest checkpoint. ``recipe.yaml`` is
-written by :meth:`RunDirectory.started`, once the first stage has set up, so a run
+written by `RunDirectory.started`, once the first stage has set up, so a run
 that fails at start-up leaves nothing that refuses the corrected recipe.
 
 A run directory belongs to one recipe. A recipe that differs from the stored one in
-anything but :data:`ALLOWED_CHANGES` is refused unless ``force``: those keys change
+anything but `ALLOWED_CHANGES` is refused unless ``force``: those keys change
 how long a run goes, how it reports, how it samples or how fast it runs, not what it
 trains.
 """
@@ -92,11 +92,11 @@ def _section_defaults() -> dict[str, Any]:
 
 
 def recipe_differences(stored: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """``key: old -> new`` for every key that differs outside :data:`ALLOWED_CHANGES`.
+    """``key: old -> new`` for every key that differs outside `ALLOWED_CHANGES`.
 
     A key one side lacks compares as its default: a recipe stored before an option
     existed ran with what is now its default, and options a stage never used
-    (:data:`~varkit.recipe.train.RETIRED_TOKENIZER_TRAIN_KEYS`) are not compared.
+    (`varkit.recipe.train.RETIRED_TOKENIZER_TRAIN_KEYS`) are not compared.
     """
     retired = {f"tokenizer_train.{key}" for key in recipe_mod.RETIRED_TOKENIZER_TRAIN_KEYS}
     old, cur = _flatten(stored), _flatten(new)

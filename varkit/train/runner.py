@@ -4,7 +4,7 @@ The run directory (``out_dir``) holds ``recipe.yaml`` (the resolved recipe),
 ``run.lock``, the AR stage's ``checkpoints/``, ``metrics.jsonl`` and ``samples/``, and,
 when the recipe trains its tokenizer, ``tokenizer/`` with the same layout. Running
 again on the same ``out_dir`` resumes from the latest checkpoints; which recipe
-changes a resume accepts is :mod:`varkit.train.rundir`'s.
+changes a resume accepts is `varkit.train.rundir`'s.
 """
 
 from __future__ import annotations

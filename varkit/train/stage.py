@@ -1,11 +1,11 @@
-"""What the training loop trains: the :class:`Stage` protocol and its optimizer slots.
+"""What the training loop trains: the `Stage` protocol and its optimizer slots.
 
-A stage owns its modules, its data stream and its loss; :mod:`varkit.train.loop` owns
+A stage owns its modules, its data stream and its loss; `varkit.train.loop` owns
 everything around them, the same for every stage: resuming (weights, optimizer and
 scaler states, EMA, RNG and data position, FSDP-aware), the lr and weight-decay
 schedule, gradient accumulation, clipping, the metric window and MFU, checkpoints,
-previews and the final save. The AR model (:class:`varkit.train.ar.ARStage`) and the
-tokenizer (:class:`varkit.train.tokenizer.TokenizerStage`) are the built-in stages.
+previews and the final save. The AR model (`varkit.train.ar.ARStage`) and the
+tokenizer (`varkit.train.tokenizer.TokenizerStage`) are the built-in stages.
 
 The loop calls a stage in this order::
 
@@ -79,7 +79,7 @@ class OptimizerSlot:
             saved as ``optimizer[_name]`` and ``scaler[_name]`` in ``trainer.pt`` and
             its gradient norm is logged as ``[name_]grad_norm``.
         optimizer: the optimizer (its param groups carry ``name`` ``decay``/``no_decay``
-            for the weight-decay schedule, see :func:`varkit.train.optim.param_groups`).
+            for the weight-decay schedule, see `varkit.train.optim.param_groups`).
         params: the parameters it steps and whose gradient norm it clips.
         module: the module those parameters belong to (FSDP gathers and scatters the
             optimizer state through it).
@@ -136,8 +136,8 @@ class Stage:
     """Base class of what the training loop trains (see the module docstring for the order).
 
     A subclass sets the attributes below in its ``__init__`` (building its modules
-    from the seed, and its data stream) and implements :meth:`modules`,
-    :meth:`optimizer_slots` and :meth:`forward_backward`; the other methods have
+    from the seed, and its data stream) and implements `modules`,
+    `optimizer_slots` and `forward_backward`; the other methods have
     defaults.
 
     Attributes:
@@ -152,7 +152,7 @@ class Stage:
             ``samples_per_epoch``.
         total: optimizer steps of the run.
         net: the module the forward and backward run through after
-            :meth:`distribute` (a DDP wrapper or the FSDP-sharded model): the loop
+            `distribute` (a DDP wrapper or the FSDP-sharded model): the loop
             skips its gradient sync on all but the last micro-batch of a step. None
             when no module syncs its own gradients (slots with
             ``average_gradients`` are averaged once per step instead).
@@ -160,7 +160,7 @@ class Stage:
             ``ema.safetensors`` and restores; None for none.
         guarded: keys of ``forward_backward``'s result that must stay finite (the
             loop stops the run at the first step where one is not).
-        eval_every: steps between calls of :meth:`evaluate`; 0 for none.
+        eval_every: steps between calls of `evaluate`; 0 for none.
     """
 
     name: str
@@ -182,7 +182,7 @@ class Stage:
 
     @staticmethod
     def micro_batch(config: StageConfig, env: DistEnv) -> int:
-        """Images per process per micro-batch; a :class:`TrainingError` when the batch does
+        """Images per process per micro-batch; a `TrainingError` when the batch does
         not split over the processes and accumulation steps of this run."""
         try:
             return config.micro_batch(env.world_size)
@@ -191,7 +191,7 @@ class Stage:
 
     @staticmethod
     def total_steps(config: StageConfig, stream: Any) -> int:
-        """Optimizer steps of the run; a :class:`TrainingError` for epochs over a stream of
+        """Optimizer steps of the run; a `TrainingError` for epochs over a stream of
         unknown size."""
         try:
             return config.total_steps(getattr(stream, "samples_per_epoch", None))
@@ -202,7 +202,7 @@ class Stage:
     def modules(self) -> dict[str, nn.Module]:
         """The modules a checkpoint holds, by file name (``model`` -> ``model.safetensors``).
 
-        Before :meth:`distribute` the loop loads a resumed checkpoint's weights into
+        Before `distribute` the loop loads a resumed checkpoint's weights into
         them; every checkpoint saves their whole state dicts.
         """
         raise NotImplementedError
@@ -210,13 +210,13 @@ class Stage:
     def load_initial_weights(self) -> None:
         """Load the weights a fresh run starts from (not called when resuming).
 
-        Called before :meth:`distribute` and :meth:`optimizer_slots`, so the optimizer
+        Called before `distribute` and `optimizer_slots`, so the optimizer
         and the schedule start fresh over them. The default keeps the seeded
         initialisation; a stage that fine-tunes from pretrained weights loads them here.
         """
 
     def distribute(self) -> None:
-        """Prepare the modules for training on this process and set :attr:`net`.
+        """Prepare the modules for training on this process and set `net`.
 
         Activation checkpointing and compilation come before the DDP/FSDP wrap; the
         EMA, if any, is built here, after the wrap (over the sharded parameters under
@@ -224,7 +224,7 @@ class Stage:
         """
 
     def optimizer_slots(self) -> list[OptimizerSlot]:
-        """The stage's optimizers (called once, after :meth:`distribute`)."""
+        """The stage's optimizers (called once, after `distribute`)."""
         raise NotImplementedError
 
     def train_mode(self) -> None:
@@ -240,7 +240,7 @@ class Stage:
         backward. Return the metrics as device tensors holding sums over the
         micro-batch's images (any shape; the same keys and shapes on every process
         when they are present): the loop adds them up without reading them, and
-        :meth:`summarize` gets them divided by the images.
+        `summarize` gets them divided by the images.
         """
         raise NotImplementedError
 
@@ -266,7 +266,7 @@ class Stage:
         return None
 
     def evaluate(self, step: int, *, final: bool) -> dict[str, Any] | None:
-        """A periodic evaluation, every :attr:`eval_every` steps and at the end.
+        """A periodic evaluation, every `eval_every` steps and at the end.
 
         Every process calls it. Returns metrics for ``metrics.jsonl``, or None. The
         default evaluates nothing.

@@ -40,7 +40,7 @@ def capture_rng(device: torch.device) -> dict[str, Any]:
 
 
 def restore_rng(state: dict[str, Any], device: torch.device) -> None:
-    """Put back what :func:`capture_rng` returned."""
+    """Put back what `capture_rng` returned."""
     torch.set_rng_state(state["torch"])
     npy = state["numpy"]
     keys = npy["keys"].numpy().astype(np.uint32)

@@ -5,7 +5,7 @@ Tokenizers are small next to the AR model, so every process holds the whole toke
 and the gradients are averaged explicitly once per step (``training_losses`` is not
 ``forward``, which DDP would need); FSDP, compilation and an EMA do not apply here,
 and ``tokenizer_train`` has no such options. The loop around it is
-:mod:`varkit.train.loop`.
+`varkit.train.loop`.
 """
 
 from __future__ import annotations

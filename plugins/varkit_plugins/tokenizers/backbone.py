@@ -325,11 +325,11 @@ class ConvTokenizer(Tokenizer):
     inference ones whatever its loss options, so a tokenizer trained with a
     discriminator loads into a recipe without one. Save and restore it through
     ``tokenizer.discriminator.state_dict()``. The LPIPS net is no submodule at all (see
-    :class:`~varkit_plugins.tokenizers.losses.PerceptualLoss`).
+    `varkit_plugins.tokenizers.losses.PerceptualLoss`).
 
     Subclasses set ``self.quantize`` (a quantiser with ``quantize(f)``, ``forward(f,
-    step=)`` returning :class:`~varkit_plugins.tokenizers.quantize.Quantized` and a
-    ``hit_ema`` ``(K, v)``) before calling :meth:`_build`.
+    step=)`` returning `varkit_plugins.tokenizers.quantize.Quantized` and a
+    ``hit_ema`` ``(K, v)``) before calling `_build`.
     """
 
     quantize: nn.Module

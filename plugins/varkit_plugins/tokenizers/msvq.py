@@ -7,7 +7,7 @@ brought back to the latent grid (bicubic), refined by a phi conv and summed into
 feature map ``f_hat`` that the decoder turns into the image. The defaults are the
 official release's ``vae_ch160v4096z32`` (ImageNet 256, 16× down, 4096 codes of 32
 dims, ten scales 1..16, four phi convs), and its state dict loads as it is:
-:meth:`MSVQ.from_release`.
+`MSVQ.from_release`.
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ class MSVQ(ConvTokenizer):
     def from_release(
         cls, state: Mapping[str, torch.Tensor], *, device: torch.device | str = "cpu", **overrides
     ) -> MSVQ:
-        """An :class:`MSVQ` holding the official ``vae_ch160v4096z32.pth`` weights.
+        """An `MSVQ` holding the official ``vae_ch160v4096z32.pth`` weights.
 
         The keys load as they are (the module tree uses the release's names); every key
         must be consumed and every shape must match. The model is built on the meta device
@@ -155,7 +155,7 @@ class MSVQ(ConvTokenizer):
             state: the state dict, e.g. ``varkit.weights.read_state_dict(path, "VAE")``.
             device: where the returned tokenizer lives.
             overrides: config fields to set instead of those read off the state dict (see
-                :func:`official_vae_config`).
+                `official_vae_config`).
 
         Returns:
             The tokenizer in eval mode.
@@ -200,7 +200,7 @@ def _indices(state: Mapping[str, torch.Tensor], prefix: str) -> list[int]:
 
 
 def official_vae_config(state: Mapping[str, torch.Tensor], **overrides) -> MSVQConfig:
-    """The :class:`MSVQConfig` of an official VAR VQ-VAE state dict, read off its shapes.
+    """The `MSVQConfig` of an official VAR VQ-VAE state dict, read off its shapes.
 
     Channels, multipliers, residual blocks, attention, code dim, vocabulary, number of
     scales and phi convs come from the keys and shapes. What a state dict cannot tell

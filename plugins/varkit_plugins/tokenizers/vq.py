@@ -6,8 +6,8 @@ the lookup is by cosine similarity on l2-normalised features and codes (LlamaGen
 tokenizer), which keeps more of a large codebook in use.
 
 LlamaGen's released tokenizers (``vq_ds16_c2i.pt``, ``vq_ds8_c2i.pt``) load with
-:meth:`VQ.from_release`: :func:`llamagen_vq_config` reads the architecture off the
-state dict and :func:`convert_llamagen_vq` renames its keys to this module tree.
+`VQ.from_release`: `llamagen_vq_config` reads the architecture off the
+state dict and `convert_llamagen_vq` renames its keys to this module tree.
 """
 
 from __future__ import annotations
@@ -65,9 +65,9 @@ class VQ(ConvTokenizer):
     def from_release(
         cls, state: Mapping[str, torch.Tensor], *, device: torch.device | str = "cpu", **overrides
     ) -> VQ:
-        """A :class:`VQ` holding a LlamaGen VQ release's weights (``vq_ds16_c2i.pt``).
+        """A `VQ` holding a LlamaGen VQ release's weights (``vq_ds16_c2i.pt``).
 
-        The keys are renamed by :func:`convert_llamagen_vq` (a state dict already in
+        The keys are renamed by `convert_llamagen_vq` (a state dict already in
         this plugin's own layout is taken as it is); every key must be consumed and every
         shape must match. Built on the meta device, so nothing is initialised twice.
 
@@ -125,7 +125,7 @@ def _count(state: Mapping[str, torch.Tensor], prefix: str) -> int:
 
 
 def llamagen_vq_config(state: Mapping[str, torch.Tensor], **overrides) -> VQConfig:
-    """The :class:`VQConfig` of a LlamaGen VQ state dict, read off its shapes.
+    """The `VQConfig` of a LlamaGen VQ state dict, read off its shapes.
 
     Channels, multipliers, residual blocks, attention, latent channels, code dim and
     vocabulary come from the tensors. What a state dict cannot tell is the release's:

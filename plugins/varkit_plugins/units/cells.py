@@ -1,6 +1,6 @@
 """The raster-over-cells units: ``k×k`` cells of one code map in raster order, one cell per step.
 
-``token`` (1×1 cells) and ``patch`` (k×k cells) are the two settings of :class:`CellUnit`.
+``token`` (1×1 cells) and ``patch`` (k×k cells) are the two settings of `CellUnit`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from einops import rearrange
 from torch import nn
 
 from varkit.base import PredictionUnit, Tokenizer
-from varkit.errors import PluginError
+from varkit.errors import PluginError, VarkitError
 from varkit_plugins.units.embeddings import init_embedding_, rope2d_angles
 
 
@@ -57,7 +57,7 @@ class CellUnit(PredictionUnit):
     predicts cell ``s``, all ``k²`` codes at once. ``k = 1`` is plain raster
     next-token prediction with the class as a one-token prefix.
 
-    Subclasses set :meth:`cell_size`.
+    Subclasses set `cell_size`.
     """
 
     Config = CellConfig
@@ -152,7 +152,7 @@ class CellUnit(PredictionUnit):
         code it predicts, so the class-prefix position of the token unit, which predicts
         the code at (0, 0), has angle 0. With ``"input"`` it is rotated by the cell of the
         code it is fed (the code ``k²`` positions back); step 0's positions, fed none,
-        get angle 0 here and zero tables from :meth:`rotary_tables`.
+        get angle 0 here and zero tables from `rotary_tables`.
         """
         if self.config.position != "rope2d":
             return None
@@ -164,7 +164,7 @@ class CellUnit(PredictionUnit):
         return rope2d_angles(rows, cols, head_dim, base=self.config.rope_base)
 
     def rotary_tables(self, head_dim: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The tables of :meth:`rotary_angles`; with ``rope_anchor="input"`` those of step 0 are
+        """The tables of `rotary_angles`; with ``rope_anchor="input"`` those of step 0 are
         zero, which zeroes the class positions' queries and keys (LlamaGen's layout)."""
         tables = super().rotary_tables(head_dim)
         if tables is None or self.config.rope_anchor != "input":
@@ -204,3 +204,17 @@ class CellUnit(PredictionUnit):
         # The decoded map is built from the hard codes; a soft sampler's mixtures only
         # smooth the inputs of the steps.
         return tokenizer.codes_to_features(self.generated_codes(state))
+
+    # -- editing ------------------------------------------------------------------
+    def keep_positions(self, keep: torch.Tensor) -> torch.Tensor:
+        """A code is kept where more than half of its latent position is, in cell order.
+
+        Generation is causal in raster order: a position sees the kept codes before
+        it, never those after it, so the kept region below or right of a regenerated
+        one cannot steer it.
+        """
+        if keep.ndim != 3 or tuple(keep.shape[1:]) != self.grid:
+            raise VarkitError(
+                f"keep must be (b, {self.grid[0]}, {self.grid[1]}) on the code grid, got {tuple(keep.shape)}"
+            )
+        return self._to_sequence(keep > 0.5)  # (b, l)

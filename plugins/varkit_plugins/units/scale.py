@@ -15,6 +15,7 @@ official VAR checkpoint converter maps ``pos_start``, ``pos_1LC`` and ``lvl_embe
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
@@ -101,6 +102,33 @@ class NextScale(PredictionUnit):
 
     def generated_codes(self, state: dict) -> list[torch.Tensor]:
         return list(state["codes"])
+
+    # -- editing ------------------------------------------------------------------
+    def keep_positions(self, keep: torch.Tensor) -> torch.Tensor:
+        """VAR's rule: the latent keep, resized bilinearly to each scale, kept where > 0.5.
+
+        Scales of at most 3 codes (the 1×1 scale of VAR's schedule) hold the image's
+        global content and are kept whole whenever the edit keeps anything of the
+        image, as in the official notebook; an edit that keeps nothing keeps none.
+        """
+        grid = self.schedule[-1]
+        if keep.ndim != 3 or tuple(keep.shape[1:]) != grid:
+            raise VarkitError(
+                f"keep must be (b, {grid[0]}, {grid[1]}) on the last scale's grid, got {tuple(keep.shape)}"
+            )
+        keep = keep.float()
+        anything = (keep > 0.5).flatten(1).any(dim=1)  # (b,)
+        per_scale = []
+        for h, w in self.schedule:
+            if (h, w) == grid:
+                kept = keep > 0.5
+            else:
+                resized = F.interpolate(keep[:, None], size=(h, w), mode="bilinear", align_corners=False)
+                kept = resized[:, 0] > 0.5  # (b, h, w)
+            if h * w <= 3:
+                kept = anything[:, None, None].expand(-1, h, w)
+            per_scale.append(kept.flatten(1))
+        return torch.cat(per_scale, dim=1)  # (b, l)
 
 
 @hookimpl
