@@ -29,7 +29,7 @@ def run_cli(capsys, *argv):
         (["--batch-size", "0"], "--batch-size is 0; it must be at least 1"),
         (["--num", "10"], "--num 10 does not split evenly over 4 classes"),
         (["--num", "8", "--per-class", "3"], "--num 8 disagrees with --per-class 3"),
-        (["--classes", "0-9"], "classes 4-9 are outside 0-3 of this model"),
+        (["--classes", "0-9"], "class 9 is outside 0-3 of this model"),
         (
             ["--sampler-option", "top_q=3"],
             "sampler 'topk_topp' has no option 'top_q'; its options are: cfg, guidance",
@@ -144,5 +144,5 @@ def test_eval_ref_val_never_runs_a_command_from_the_stored_recipe(tmp_path, caps
         },
     )
     code, _out, err = run_cli(capsys, "eval", run, "--fid", "--num", "4", "--ref", "val", "--device", "cpu")
-    assert code == 2 and "which varkit does not run from a stored recipe" in err
+    assert code == 2 and "varkit runs `pipe:` patterns only when you give them yourself" in err
     assert not (tmp_path / "ran").exists() and not (run / "eval").exists()

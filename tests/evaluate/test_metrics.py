@@ -222,7 +222,7 @@ def test_missing_inception_weights_name_the_file_and_where_it_comes_from(
     expected.parent.mkdir(parents=True)
     expected.write_bytes(b"not a checkpoint")
     code, _out, err = run_cli(capsys, "metrics", sets["npz"], "--ref", sets["other"])
-    assert code == 2 and "cannot be read as a PyTorch state dict" in err
+    assert code == 2 and "is not a PyTorch checkpoint" in err
 
 
 def test_weights_of_another_network_are_refused(sets, tmp_path, capsys, torch_fidelity):

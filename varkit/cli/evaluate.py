@@ -14,6 +14,7 @@ from varkit.cli.common import device_or_default
 from varkit.cli.metrics import add_metric_arguments, check_metric_arguments, open_reference, score_and_report
 from varkit.cli.sample import add_sampling_arguments, check_out_dir, check_sampling_arguments, draw
 from varkit.data import DataConfig, build_eval_loader
+from varkit.data.sources import check_command
 from varkit.errors import CheckpointError, EvaluationError
 from varkit.evaluate import evaluate, write_report
 from varkit.evaluate.fid import METRICS_FILE, check_report_path, write_json
@@ -155,7 +156,7 @@ def _eval_fid(args: argparse.Namespace, out: Path | None) -> int:
     report_path = check_report_path(samples_dir / METRICS_FILE, "--samples-dir")
     # a bad reference fails before hours of sampling
     if args.ref == REF_VAL:
-        _validation_data(args)
+        check_command(_validation_data(args), "val_shards")
     elif not args.center_crop:
         open_image_set(args.ref, limit=args.ref_num)
 
