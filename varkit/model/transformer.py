@@ -6,7 +6,9 @@ l2-normalised queries and keys and a learned per-head temperature, and an AdaLN 
 It never looks at which unit it serves: the sequence layout (``unit.step_lengths``),
 the mask (``unit.mask()``), the start and position embeddings and optional rotary
 angles all come from the unit, which is a submodule (``model.unit``) because it owns
-those embeddings.
+those embeddings. The attention backend prepares the mask once, when the model is
+built (``model.attn_mask``, a module of buffers), so the training forward builds no
+mask and no step ids: it compiles as one graph.
 
 Shapes use the varkit glossary: ``b`` batch, ``l`` positions, ``nh`` heads, ``hd``
 head dim, ``d`` width, ``c`` code channels, ``v`` vocabulary.
@@ -24,7 +26,7 @@ from torch import nn
 from varkit import validators as V
 from varkit.base import AttentionBackend, PredictionUnit
 from varkit.errors import VarkitError
-from varkit.masks import BlockCausal
+from varkit.masks import BlockCausal, PreparedMask
 from varkit.model.kv_cache import KVCache
 
 #: Upper bound of the learned attention temperature ``exp(scale_mul)`` (VAR: 100).
@@ -153,7 +155,7 @@ class Attention(nn.Module):
         x: torch.Tensor,
         *,
         backend: AttentionBackend,
-        mask: BlockCausal | None,
+        mask: BlockCausal | PreparedMask | None,
         rotary: tuple[torch.Tensor, torch.Tensor] | None,
         cache: KVCache | None = None,
         layer: int = 0,
@@ -200,6 +202,10 @@ class Block(nn.Module):
     With modulation ``(gamma1, gamma2, scale1, scale2, shift1, shift2)`` from the class:
     ``x += gamma1 · attn(LN(x)·(1+scale1)+shift1)`` then
     ``x += gamma2 · mlp(LN(x)·(1+scale2)+shift2)``, LN without affine parameters.
+
+    In training the block computes its own modulation from the class (inside
+    ``forward``, so that FSDP gathers the block's weights once per pass); generation
+    computes every block's once, at step 0, and passes it to each later step.
     """
 
     def __init__(self, config: ModelConfig, *, drop_path: float):
@@ -218,12 +224,39 @@ class Block(nn.Module):
             self.adaln_offset = None
 
     def modulation(self, cond: torch.Tensor, shared: torch.Tensor | None) -> torch.Tensor:
-        """``(b, 1, 6, d)`` from SiLU(class embedding) ``(b, d)`` or the shared ``(b, 1, 6, d)``."""
+        """``(b, 1, 6, d)`` from SiLU(class embedding) ``(b, d)`` or the shared ``(b, 1, 6, d)``.
+
+        Called from outside ``forward`` by generation (FSDP registers it as a forward
+        method); ``forward`` itself uses the unwrapped :meth:`_adaln`.
+        """
+        return self._adaln(cond, shared)
+
+    def _adaln(self, cond: torch.Tensor, shared: torch.Tensor | None) -> torch.Tensor:
         if self.adaln is None:
             return shared + self.adaln_offset
         return self.adaln(cond).unflatten(-1, (6, -1)).unsqueeze(1)
 
-    def forward(self, x: torch.Tensor, modulation: torch.Tensor, **attn_kwargs) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        modulation: torch.Tensor | None = None,
+        *,
+        cond: torch.Tensor | None = None,
+        shared: torch.Tensor | None = None,
+        **attn_kwargs,
+    ) -> torch.Tensor:
+        """``x (b, l, d) -> (b, l, d)``.
+
+        Args:
+            x: the residual stream.
+            modulation: the block's AdaLN modulation ``(b, 1, 6, d)`` when computed
+                already (generation); None computes it here from ``cond``.
+            cond: SiLU of the class embedding ``(b, d)`` (with ``modulation`` None).
+            shared: the shared AdaLN output ``(b, 1, 6, d)`` (``shared_adaln`` only).
+            attn_kwargs: passed to :class:`Attention` (backend, mask, rotary, cache, layer).
+        """
+        if modulation is None:
+            modulation = self._adaln(cond, shared)
         gamma1, gamma2, scale1, scale2, shift1, shift2 = modulation.unbind(2)  # each (b, 1, d)
         d = x.shape[-1]
         h = _modulate(F.layer_norm(x, (d,), eps=self.norm_eps), scale1, shift1)
@@ -262,7 +295,6 @@ class ARModel(nn.Module):
     ):
         super().__init__()
         self.config = config
-        self.attention = attention
         self.vocab_size, self.code_dim = vocab_size, code_dim
         self.unit = unit
         self.step_lengths = tuple(unit.step_lengths)
@@ -284,6 +316,35 @@ class ARModel(nn.Module):
             if name != "unit":
                 child.to_empty(device=device)
         self.reset_parameters()
+        self.attention = attention  # prepares the training mask (model.attn_mask)
+
+    # -- attention -------------------------------------------------------------------
+    @property
+    def attention(self) -> AttentionBackend:
+        """The attention backend of training and of cached steps.
+
+        Setting it asks the new backend to prepare the unit's mask (``attn_mask``, a
+        submodule of buffers, built where the model's parameters are).
+        """
+        return self._attention
+
+    @attention.setter
+    def attention(self, backend: AttentionBackend) -> None:
+        device = self.head.weight.device
+        with torch.device(device):
+            prepared = backend.prepare(self.unit.mask())
+        self._attention = backend
+        self.attn_mask = prepared
+
+    def attention_kernels(
+        self, device: torch.device | str, dtype: torch.dtype = torch.float32
+    ) -> dict[str, str]:
+        """Which kernel runs the training forward and the cached generation steps, in words."""
+        kw = {"device": device, "dtype": dtype, "head_dim": self.config.head_dim}
+        return {
+            "training": self.attention.kernel(self.attn_mask.layout, **kw),
+            "cached steps": self.attention.kernel(None, **kw),
+        }
 
     @staticmethod
     def _check_rotary(unit: PredictionUnit, head_dim: int) -> None:
@@ -343,14 +404,25 @@ class ARModel(nn.Module):
                 block.adaln_offset[:2].mul_(cfg.adaln_gamma_init)
 
     # -- pieces shared by training and generation ------------------------------------
+    def _shared_modulation(self, cond: torch.Tensor) -> torch.Tensor | None:
+        """The shared AdaLN output ``(b, 1, 6, d)`` from SiLU(class embedding), or None."""
+        if self.shared_adaln is None:
+            return None
+        return self.shared_adaln(cond).unflatten(-1, (6, -1)).unsqueeze(1)
+
+    def _head_modulation(self, cond: torch.Tensor) -> torch.Tensor:
+        """The head's AdaLN ``(b, 1, 2, d)`` from SiLU(class embedding) ``(b, d)``."""
+        return self.head_adaln(cond).unflatten(-1, (2, -1)).unsqueeze(1)
+
     def _modulations(self, cond: torch.Tensor) -> list[torch.Tensor]:
-        """AdaLN modulation of every block ``(b, 1, 6, d)`` and of the head ``(b, 1, 2, d)``."""
+        """AdaLN modulation of every block ``(b, 1, 6, d)`` and of the head ``(b, 1, 2, d)``.
+
+        Generation's: computed once at step 0 and reused by every step.
+        """
         cond = F.silu(cond)  # (b, d)
-        shared = None
-        if self.shared_adaln is not None:
-            shared = self.shared_adaln(cond).unflatten(-1, (6, -1)).unsqueeze(1)
+        shared = self._shared_modulation(cond)
         mods = [block.modulation(cond, shared) for block in self.blocks]
-        mods.append(self.head_adaln(cond).unflatten(-1, (2, -1)).unsqueeze(1))
+        mods.append(self._head_modulation(cond))
         return mods
 
     def _logits(self, x: torch.Tensor, modulation: torch.Tensor) -> torch.Tensor:
@@ -396,12 +468,12 @@ class ARModel(nn.Module):
         start = cond.unsqueeze(1) + self.unit.start_embedding()  # (b, l_0, d)
         words = self.word_embed(inputs.to(self.word_embed.weight.dtype))  # (b, l - l_0, d)
         x = torch.cat((start.to(words.dtype), words), dim=1) + self.unit.position_embedding()  # (b, l, d)
-        mods = self._modulations(cond)
-        mask = self.unit.mask()
+        cond = F.silu(cond)  # each block computes its AdaLN modulation from it
+        shared = self._shared_modulation(cond)
         rotary = self._rotary(0, seq_len, x.device)
-        for block, mod in zip(self.blocks, mods, strict=False):
-            x = block(x, mod, backend=self.attention, mask=mask, rotary=rotary)
-        return self._logits(x, mods[-1])
+        for block in self.blocks:
+            x = block(x, cond=cond, shared=shared, backend=self.attention, mask=self.attn_mask, rotary=rotary)
+        return self._logits(x, self._head_modulation(cond))
 
     # -- generation ------------------------------------------------------------------------
     def new_cache(
