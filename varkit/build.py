@@ -5,6 +5,7 @@ Loading weights into them is :mod:`varkit.loading`.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import attrs
@@ -16,6 +17,11 @@ from varkit.errors import RecipeError
 from varkit.model.transformer import ARModel
 from varkit.plugins import registry
 from varkit.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+#: The autocast dtype of each training precision, for describing the attention kernel.
+_PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def build_tokenizer(recipe: Recipe, *, device: torch.device | str = "cpu") -> Tokenizer:
@@ -39,7 +45,18 @@ def build_model(recipe: Recipe, tokenizer: Tokenizer, *, device: torch.device | 
         vocab_size=tokenizer.vocab_size,
         code_dim=tokenizer.code_dim,
     )
-    return model.to(device)
+    model = model.to(device)
+    if log.isEnabledFor(logging.INFO):
+        precision = getattr(recipe.train, "precision", "fp32")
+        kernels = model.attention_kernels(device, _PRECISION_DTYPES.get(precision, torch.float32))
+        log.info(
+            "attention %r on %s: training: %s; cached steps: %s",
+            recipe.attention.name,
+            device,
+            kernels["training"],
+            kernels["cached steps"],
+        )
+    return model
 
 
 def build_sampler(recipe: Recipe | None = None, name: str | None = None, **options: Any) -> Sampler:
