@@ -42,3 +42,11 @@ def test_var_recipes_match_the_release(name):
     assert (r.tokenizer.name, r.unit.name) == ("msvq", "scale")
     assert r.tokenizer.config.vocab_size == 4096 and r.tokenizer.config.code_dim == 32
     assert r.sampler.config.top_k == 900 and r.sampler.config.top_p == pytest.approx(0.96)
+
+
+def test_var_recipes_train_from_code_shards_written_before_training():
+    for name in RELEASE:
+        r = recipe_mod.load(RECIPES[0].parent / f"{name}.yaml")
+        assert r.data.source == "codes" and r.data.codes.endswith(".tar") and r.data.val_shards
+    header = (RECIPES[0].parent / "var_base.yaml").read_text()
+    assert "varkit shards --tokenize recipes/var_d16.yaml" in header and "--crops 5" in header
