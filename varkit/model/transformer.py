@@ -125,9 +125,10 @@ class DropPath(nn.Module):
         if not self.training or self.rate == 0.0:
             return x
         keep = 1.0 - self.rate
-        # One draw per sample, rescaled so the expected branch is unchanged.
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask / keep
+        # One draw per sample, rescaled so the expected branch is unchanged (the rescale on
+        # the (b, 1, ..., 1) draw: one pass over x, not two).
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep).div_(keep)
+        return x * mask
 
 
 class Attention(nn.Module):
