@@ -234,12 +234,23 @@ class FlexMask(PreparedMask):
                 f"block_{name}", None if value is None else value.to(device), persistent=False
             )
         self.sparsity = built.sparsity()
+        self._cached = None  # (the ids buffer it was built over, BlockMask), eager calls only
 
     def extra_repr(self) -> str:
         return f"{self.layout!r}, block {self._context['BLOCK_SIZE']}, sparsity {self.sparsity:.0f}%"
 
     def block_mask(self):
-        """The ``BlockMask`` over this module's buffers, on the model's device."""
+        """The ``BlockMask`` over this module's buffers, on the model's device.
+
+        Eagerly the same object is returned until the buffers move: the compiled flex
+        kernel guards on its ``mask_mod``, and a new closure at every call would
+        recompile it at every call. Inside a compiled forward it is built afresh (no
+        computation: the buffers are wrapped).
+        """
+        if not torch.compiler.is_compiling():
+            cached = self._cached
+            if cached is not None and cached[0] is self.ids:
+                return cached[1]
         from torch.nn.attention.flex_attention import BlockMask
 
         ids = self.ids
@@ -248,7 +259,10 @@ class FlexMask(PreparedMask):
             return ids[kv_idx] <= ids[q_idx]
 
         tensors = {name: getattr(self, f"block_{name}") for name in self._tensor_names}
-        return BlockMask(**tensors, **self._context, mask_mod=visible)
+        block_mask = BlockMask(**tensors, **self._context, mask_mod=visible)
+        if not torch.compiler.is_compiling():
+            self._cached = (ids, block_mask)
+        return block_mask
 
 
 def _cpu_block_mask(layout: BlockCausal, block_size: int):
