@@ -210,6 +210,11 @@ def flex_importable() -> bool:
     return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
 
 
+def flex_compilable() -> bool:
+    """Whether flex attention's fused kernel can be built here (CUDA, and Triton to build it)."""
+    return flex_importable() and torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
+
+
 class FlexMask(PreparedMask):
     """A block mask for flex attention, its tensors held as buffers.
 
@@ -317,6 +322,8 @@ class FlexAttention(AttentionBackend):
             return False, "this torch has no flex attention (torch >= 2.5 does); use sdpa"
         if not torch.cuda.is_available():
             return False, "flex attention needs a CUDA device (none found); use sdpa"
+        if importlib.util.find_spec("triton") is None:
+            return False, "flex attention's kernel is compiled with Triton, which is not installed; use sdpa"
         return True, ""
 
     def _flex(self):
@@ -380,7 +387,8 @@ class AutoAttention(AttentionBackend):
     """The default: ``flex`` where it skips masked work on CUDA, ``sdpa`` everywhere else.
 
     Decided per call by the inputs' device: block-causal training layouts on CUDA (when
-    this torch has flex attention) go to ``flex``'s compiled kernel; plainly causal
+    this torch has flex attention and Triton can compile it) go to ``flex``'s compiled
+    kernel; plainly causal
     layouts (``token``) to SDPA's ``is_causal`` flash path, which is faster than any
     block mask; cached generation steps and everything on the CPU to ``sdpa``.
     """
@@ -394,7 +402,7 @@ class AutoAttention(AttentionBackend):
         self.flex = FlexAttention(FlexConfig(block_size=self.config.block_size))
 
     def _wants_flex(self, layout: BlockCausal | None, device: torch.device) -> bool:
-        return layout is not None and not layout.is_causal and device.type == "cuda" and flex_importable()
+        return layout is not None and not layout.is_causal and device.type == "cuda" and flex_compilable()
 
     def prepare(self, mask: BlockCausal) -> PreparedMask:
         flex = None if mask.is_causal or not flex_importable() else self.flex.prepare(mask)

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from varkit.masks import BlockCausal, PreparedMask
 from varkit.plugins import registry
+from varkit_plugins import attention
 from varkit_plugins.attention import AutoAttention, FlexAttention, MathAttention, SDPAttention
 
 BACKENDS = [entry for entry in registry() if entry.kind == "attention"]
@@ -151,11 +152,14 @@ def test_backend_describes_its_kernel(name):
         assert isinstance(text, str) and text and "unknown" not in text
 
 
-def test_auto_picks_sdpa_on_cpu_and_flex_for_block_layouts_on_cuda():
+def test_auto_picks_sdpa_on_cpu_and_flex_for_block_layouts_on_cuda(monkeypatch):
     auto = AutoAttention()
     var = BlockCausal((1, 4, 9, 16))
     assert auto.kernel(var, device="cpu").startswith("sdpa: ")
     assert auto.kernel(None, device="cpu").startswith("sdpa: ")
+    monkeypatch.setattr(attention, "flex_compilable", lambda: False)  # no Triton: sdpa everywhere
+    assert not auto._wants_flex(var, torch.device("cuda"))
+    monkeypatch.setattr(attention, "flex_compilable", lambda: True)
     assert auto._wants_flex(var, torch.device("cuda"))
     assert not auto._wants_flex(BlockCausal((1,) * 8), torch.device("cuda"))  # causal: flash is_causal
     assert not auto._wants_flex(None, torch.device("cuda"))
