@@ -168,6 +168,7 @@ def test_an_incomplete_pretrained_directory_names_what_it_lacks(tmp_path, capsys
         varkit.from_pretrained(out)
     out = tiny_pipe().save_pretrained(tmp_path / "n")
     (out / "model.safetensors").unlink()
+    capsys.readouterr()  # what building the pipelines logged
     assert main(["sample", str(out), "--per-class", "1", "--out", str(tmp_path / "s")]) == 2
     err = capsys.readouterr().err
     assert "lacks model.safetensors" in err and err.count("\n") == 1
@@ -219,7 +220,10 @@ def test_sample_takes_class_names(tmp_path, capsys):
     assert main([*argv, "--out", str(tmp_path / "s")]) == 0
     assert sorted(os.listdir(tmp_path / "s" / "images")) == ["0000_000.png", "0002_000.png"]
     capsys.readouterr()
-    assert main(["sample", str(out), "--classes", "purple", "--per-class", "1", "--out", str(tmp_path / "t")]) == 2
+    assert (
+        main(["sample", str(out), "--classes", "purple", "--per-class", "1", "--out", str(tmp_path / "t")])
+        == 2
+    )
     assert "no class 'purple'" in capsys.readouterr().err
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from varkit.errors import PluginError
-from varkit.masks import BlockCausal
+from varkit.masks import BlockCausal, PreparedMask
 
 
 @attrs.frozen(kw_only=True)
@@ -336,10 +336,27 @@ class AttentionBackend(PluginBase):
     Every backend must agree with the ``math`` reference to float rounding on the same
     inputs; the contract tests check this for every registered backend that is
     available.
+
+    A model asks its backend once, when it is built, to `prepare` the unit's
+    mask, and hands the result to every training call of `attend`; the tensors
+    it holds are buffers of the model, so they follow ``model.to(device)`` and a
+    compiled forward never rebuilds them. `kernel` says in words which kernel
+    runs (``varkit plugins`` shows it, and building a model logs it).
     """
 
     def __init__(self, config=None):
         self.config = config if config is not None else self.Config()
+
+    def prepare(self, mask: BlockCausal) -> PreparedMask:
+        """What `attend` needs to realise ``mask``, built once per layout.
+
+        Runs eagerly on the default device when the model is built (never inside a
+        compiled forward). The default keeps the step ids and, unless the mask is
+        plainly causal, the dense boolean ``(l, l)`` matrix; a backend that needs
+        something else (a block mask, a bias) returns a `PreparedMask`
+        subclass holding it as buffers.
+        """
+        return PreparedMask(mask, dense=not mask.is_causal)
 
     def attend(
         self,
@@ -347,7 +364,7 @@ class AttentionBackend(PluginBase):
         k: torch.Tensor,
         v: torch.Tensor,
         *,
-        mask: BlockCausal | None,
+        mask: BlockCausal | PreparedMask | None,
         scale: float,
     ) -> torch.Tensor:
         """Attention output ``(b, nh, lq, hd)``.
@@ -358,11 +375,28 @@ class AttentionBackend(PluginBase):
             v: values ``(b, nh, lk, hd)``.
             mask: None when every query sees every key (a cached generation step, whose
                 keys are the cache so far), else the block-causal structure of a full
-                sequence (``lq == lk``).
+                sequence (``lq == lk``): what `prepare` returned (from a model),
+                or a bare `varkit.masks.BlockCausal` (from a direct call;
+                both answer ``dense()``, ``step_ids()``, ``is_causal``).
             scale: softmax temperature multiplying ``q @ k^T`` (VAR uses 1 with
                 l2-normalised q and k).
         """
         raise NotImplementedError
+
+    def kernel(
+        self,
+        mask: BlockCausal | None,
+        *,
+        device: torch.device | str,
+        dtype: torch.dtype = torch.float32,
+        head_dim: int = 64,
+    ) -> str:
+        """The kernel `attend` runs for ``mask`` on ``device``, in words.
+
+        ``mask`` None describes a cached generation step. Asked with small inputs of
+        ``dtype`` and ``head_dim``; a backend that cannot tell says so.
+        """
+        return f"{self.name} (the backend does not describe its kernel)"
 
 
 # ------------------------------------------------------------------------ sampler

@@ -6,6 +6,7 @@ Loading weights into them is `varkit.loading`.
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any
 
 import attrs
@@ -17,6 +18,11 @@ from varkit.errors import RecipeError
 from varkit.model.transformer import ARModel
 from varkit.plugins import registry
 from varkit.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+#: The autocast dtype of each training precision, for describing the attention kernel.
+_PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def build_tokenizer(recipe: Recipe, *, device: torch.device | str = "cpu") -> Tokenizer:
@@ -48,7 +54,20 @@ def build_model(
             vocab_size=tokenizer.vocab_size,
             code_dim=tokenizer.code_dim,
         )
-    return model if empty else model.to(device)
+    if empty:
+        return model
+    model = model.to(device)
+    if log.isEnabledFor(logging.INFO):
+        precision = getattr(recipe.train, "precision", "fp32")
+        kernels = model.attention_kernels(device, _PRECISION_DTYPES.get(precision, torch.float32))
+        log.info(
+            "attention %r on %s: training: %s; cached steps: %s",
+            recipe.attention.name,
+            device,
+            kernels["training"],
+            kernels["cached steps"],
+        )
+    return model
 
 
 def build_sampler(

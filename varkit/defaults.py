@@ -7,7 +7,7 @@ Python API read these.
 from __future__ import annotations
 
 #: The plugin a recipe gets when it leaves the section out.
-DEFAULT_PLUGINS: dict[str, str] = {"attention": "sdpa", "sampler": "topk_topp"}
+DEFAULT_PLUGINS: dict[str, str] = {"attention": "auto", "sampler": "topk_topp"}
 
 #: The sampler of VAR's "more smooth" mode (``generate(..., more_smooth=True)``).
 SMOOTH_SAMPLER = "gumbel"

@@ -77,6 +77,16 @@ def test_plugins_lists_kind_name_distribution_availability(capsys):
     assert any(r[:3] == ["attention", "backend", "flex"] and r[4] == "no:" for r in rows)
 
 
+def test_plugins_says_which_attention_kernel_runs(capsys):
+    code, out, _err = run_cli(capsys, "plugins", "--kind", "attention", "--device", "cpu")
+    assert code == 0
+    kernels = out.split("attention kernels on cpu", 1)[1]
+    sdpa = kernels.split("\n  sdpa\n", 1)[1]
+    assert "SDPA split into 5 exact calls" in sdpa.splitlines()[0]  # VAR's scales
+    assert "is_causal" in sdpa.splitlines()[2]  # token
+    assert "\n  auto\n" in kernels and "\n  flex\n" not in kernels  # flex needs CUDA
+
+
 def test_real_process_exit_code_and_no_traceback():
     proc = subprocess.run(
         [sys.executable, "-m", "varkit", "run", str(HERE / "base.yaml"), "unit.name=scael"],

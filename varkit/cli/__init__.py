@@ -43,11 +43,27 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
 COMMAND_MODULES = (plugins, run, sample, edit, evaluate, metrics, shards, imports)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to ``sys.stderr`` as it is when a record is emitted, not as it was when the
+    handler was made (callers that capture or replace stderr, as test runners do, would
+    otherwise leave it writing to a closed stream)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup_logging(verbose: bool = False) -> None:
     """Configure output for the CLI: rank 0 logs INFO, other ranks only warnings."""
     rank = int(os.environ.get("RANK", "0"))
     level = logging.DEBUG if verbose else logging.INFO if rank == 0 else logging.WARNING
-    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,11 +6,12 @@ import argparse
 import logging
 from pathlib import Path
 
+from varkit import recipe as recipe_mod
 from varkit.cli.common import device_or_default
 from varkit.data.codes import write_code_shards
 from varkit.data.folder import check_output, load_class_map, write_image_folder
 from varkit.errors import DataError
-from varkit.loading import load_tokenizer
+from varkit.loading import load_tokenizer, recipe_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,8 @@ def add_commands(sub: argparse._SubParsersAction, commands: dict) -> None:
         "(samples per shard) and classes.json (class name -> index). Write the validation set with "
         "--class-map OUT/classes.json of the training set, so both give each class the same index. "
         "With --tokenize, encode the images of SRC (a folder or an image shard pattern) with a run's "
-        "tokenizer and write code shards that `data.source: codes` trains from.",
+        "tokenizer (or the one a recipe names in tokenizer.weights) and write code shards that "
+        "`data.source: codes` trains from.",
     )
     p.add_argument("src", help="image folder, or (with --tokenize) an image shard pattern")
     p.add_argument("out", help="output directory (not inside SRC)")
@@ -56,7 +58,12 @@ def add_commands(sub: argparse._SubParsersAction, commands: dict) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffled writing order (default 0)")
     p.add_argument("--no-shuffle", action="store_true", help="write in folder order (classes sorted)")
     p.add_argument("--workers", type=int, default=0, help="processes that read and check images (default 0)")
-    p.add_argument("--tokenize", metavar="RUN_OR_CKPT", help="write code shards with this run's tokenizer")
+    p.add_argument(
+        "--tokenize",
+        metavar="RUN_OR_RECIPE",
+        help="write code shards with this run's (or checkpoint's) tokenizer, or with the tokenizer a "
+        "recipe .yaml names in tokenizer.weights (e.g. recipes/var_d16.yaml: the official VQ-VAE)",
+    )
     p.add_argument("--crops", type=int, default=1, help="crops per image with --tokenize (1-10; default 1)")
     p.add_argument("--resolution", type=int, help="crop size with --tokenize (default: the tokenizer's)")
     p.add_argument(
@@ -100,11 +107,24 @@ def _shards(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tokenizer_of(source: str, device: str):
+    """The tokenizer of a run or checkpoint, or the trained one a recipe names."""
+    if Path(source).suffix not in (".yaml", ".yml"):
+        return load_tokenizer(source, device=device)
+    recipe = recipe_mod.load(source)
+    if not recipe.tokenizer.weights:
+        raise DataError(
+            f"{source} names no tokenizer.weights, so its tokenizer is untrained and its codes would mean "
+            "nothing; set tokenizer.weights in the recipe, or pass a run whose tokenizer was trained"
+        )
+    return recipe_tokenizer(recipe, device=device).eval()
+
+
 def _tokenize(args: argparse.Namespace) -> int:
     if Path(args.src).is_dir():
         check_output(args.src, args.out)
     device = device_or_default(args.device)
-    tokenizer = load_tokenizer(args.tokenize, device=device)
+    tokenizer = _tokenizer_of(args.tokenize, device)
     resolution = args.resolution or getattr(tokenizer.config, "image_size", None)
     if not isinstance(resolution, int):
         raise DataError(f"the tokenizer of {args.tokenize} does not say its image size; give --resolution")

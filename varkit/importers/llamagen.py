@@ -393,6 +393,7 @@ def read_release(
         )
     check_state_dict(model, converted, what=f"LlamaGen GPT {gpt_ckpt}")
     model.load_state_dict(converted, strict=True, assign=True)
+    model.attention = model.attention  # the mask's buffers were prepared on the meta device: again, here
     log.info(
         "LlamaGen GPT-%s (%d px) with %.1fM parameters",
         size or f"{model_config.depth}x{model_config.width}",

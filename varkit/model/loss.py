@@ -13,11 +13,14 @@ def ar_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float 
     """Per-position cross-entropy ``(b, l)`` of logits ``(b, l, v)`` against targets ``(b, l)``.
 
     Computed in float32 whatever the autocast dtype: the softmax over 4096 codes loses
-    too much in half precision.
+    too much in half precision. The positions are flattened into rows so that the
+    softmax runs over contiguous vocabulary rows (a transposed ``(b, v, l)`` view makes
+    the loss several times slower on the CPU).
     """
-    return F.cross_entropy(
-        logits.float().transpose(1, 2), targets, reduction="none", label_smoothing=label_smoothing
+    per_row = F.cross_entropy(
+        logits.float().flatten(0, 1), targets.flatten(), reduction="none", label_smoothing=label_smoothing
     )
+    return per_row.view(targets.shape)
 
 
 class StepGroups:

@@ -17,7 +17,9 @@ orthogonal and give LlamaGen's GPT (arXiv 2406.06525) as well:
 It never looks at which unit it serves: the sequence layout (``unit.step_lengths``),
 the mask (``unit.mask()``), the start and position embeddings, the rotary tables and
 whether a position is fed code features or the codes themselves all come from the
-unit, which is a submodule (``model.unit``) because it owns those embeddings.
+unit, which is a submodule (``model.unit``) because it owns those embeddings. The attention backend prepares the
+mask once, when the model is built (``model.attn_mask``, a module of buffers), so the
+training forward builds no mask and no step ids: it compiles as one graph.
 
 Shapes use the varkit glossary: ``b`` batch, ``l`` positions, ``nh`` heads, ``hd``
 head dim, ``d`` width, ``c`` code channels, ``v`` vocabulary.
@@ -36,7 +38,7 @@ from torch import nn
 from varkit import validators as V
 from varkit.base import AttentionBackend, PredictionUnit
 from varkit.errors import VarkitError
-from varkit.masks import BlockCausal
+from varkit.masks import BlockCausal, PreparedMask
 from varkit.model.kv_cache import KVCache, VisibleKeys
 
 #: Upper bound of the learned attention temperature ``exp(scale_mul)`` (VAR: 100).
@@ -240,9 +242,10 @@ class DropPath(nn.Module):
         if not self.training or self.rate == 0.0:
             return x
         keep = 1.0 - self.rate
-        # One draw per sample, rescaled so the expected branch is unchanged.
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask / keep
+        # One draw per sample, rescaled so the expected branch is unchanged (the rescale on
+        # the (b, 1, ..., 1) draw: one pass over x, not two).
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep).div_(keep)
+        return x * mask
 
 
 class Attention(nn.Module):
@@ -271,7 +274,7 @@ class Attention(nn.Module):
         x: torch.Tensor,
         *,
         backend: AttentionBackend,
-        mask: BlockCausal | None,
+        mask: BlockCausal | PreparedMask | None,
         rotary: tuple[torch.Tensor, torch.Tensor] | None,
         cache: KVCache | None = None,
         layer: int = 0,
@@ -346,6 +349,10 @@ class Block(nn.Module):
     ``x += gamma2 · mlp(N(x)·(1+scale2)+shift2)``, the norm N without affine parameters.
     Prefix conditioning (the class is a token of the sequence): ``x += attn(norm1(x))``
     then ``x += mlp(norm2(x))``, the norms with learned gains.
+
+    In training an AdaLN block computes its own modulation from the class (inside
+    ``forward``, so that FSDP gathers the block's weights once per pass); generation
+    computes every block's once, at step 0, and passes it to each later step.
     """
 
     def __init__(self, config: ModelConfig, *, drop_path: float):
@@ -369,15 +376,43 @@ class Block(nn.Module):
             self.adaln = nn.Linear(d, 6 * d)  # applied to SiLU(class embedding)
 
     def modulation(self, cond: torch.Tensor, shared: torch.Tensor | None) -> torch.Tensor:
-        """``(b, 1, 6, d)`` from SiLU(class embedding) ``(b, d)`` or the shared ``(b, 1, 6, d)``."""
+        """``(b, 1, 6, d)`` from SiLU(class embedding) ``(b, d)`` or the shared ``(b, 1, 6, d)``.
+
+        Called from outside ``forward`` by generation (FSDP registers it as a forward
+        method); ``forward`` itself uses the unwrapped `_adaln`.
+        """
+        return self._adaln(cond, shared)
+
+    def _adaln(self, cond: torch.Tensor, shared: torch.Tensor | None) -> torch.Tensor:
         if self.adaln is None:
             return shared + self.adaln_offset
         return self.adaln(cond).unflatten(-1, (6, -1)).unsqueeze(1)
 
-    def forward(self, x: torch.Tensor, modulation: torch.Tensor | None, **attn_kwargs) -> torch.Tensor:
-        if modulation is None:  # prefix conditioning
+    def forward(
+        self,
+        x: torch.Tensor,
+        modulation: torch.Tensor | None = None,
+        *,
+        cond: torch.Tensor | None = None,
+        shared: torch.Tensor | None = None,
+        **attn_kwargs,
+    ) -> torch.Tensor:
+        """``x (b, l, d) -> (b, l, d)``.
+
+        Args:
+            x: the residual stream.
+            modulation: the block's AdaLN modulation ``(b, 1, 6, d)`` when computed
+                already (generation); None computes it here from ``cond`` (prefix
+                conditioning: unused).
+            cond: SiLU of the class embedding ``(b, d)`` (with ``modulation`` None).
+            shared: the shared AdaLN output ``(b, 1, 6, d)`` (``shared_adaln`` only).
+            attn_kwargs: passed to `Attention` (backend, mask, rotary, cache, layer).
+        """
+        if self.norm1 is not None:  # prefix conditioning
             x = x + self.drop_path(self.attn(self.norm1(x), **attn_kwargs))
             return x + self.drop_path(self.mlp(self.norm2(x)))
+        if modulation is None:
+            modulation = self._adaln(cond, shared)
         gamma1, gamma2, scale1, scale2, shift1, shift2 = modulation.unbind(2)  # each (b, 1, d)
         h = _modulate(_norm(x, self.norm_kind, self.norm_eps), scale1, shift1)
         x = x + self.drop_path(self.attn(h, **attn_kwargs) * gamma1)
@@ -420,7 +455,6 @@ class ARModel(nn.Module):
     ):
         super().__init__()
         self.config = config
-        self.attention = attention
         self.vocab_size, self.code_dim = vocab_size, code_dim
         self.unit = unit
         self.step_lengths = tuple(unit.step_lengths)
@@ -457,6 +491,35 @@ class ARModel(nn.Module):
             if name != "unit":
                 child.to_empty(device=device)
         self.reset_parameters()
+        self.attention = attention  # prepares the training mask (model.attn_mask)
+
+    # -- attention -------------------------------------------------------------------
+    @property
+    def attention(self) -> AttentionBackend:
+        """The attention backend of training and of cached steps.
+
+        Setting it asks the new backend to prepare the unit's mask (``attn_mask``, a
+        submodule of buffers, built where the model's parameters are).
+        """
+        return self._attention
+
+    @attention.setter
+    def attention(self, backend: AttentionBackend) -> None:
+        device = self.head.weight.device
+        with torch.device(device):
+            prepared = backend.prepare(self._mask())
+        self._attention = backend
+        self.attn_mask = prepared
+
+    def attention_kernels(
+        self, device: torch.device | str, dtype: torch.dtype = torch.float32
+    ) -> dict[str, str]:
+        """Which kernel runs the training forward and the cached generation steps, in words."""
+        kw = {"device": device, "dtype": dtype, "head_dim": self.config.head_dim}
+        return {
+            "training": self.attention.kernel(self.attn_mask.layout, **kw),
+            "cached steps": self.attention.kernel(None, **kw),
+        }
 
     @staticmethod
     def _check_rotary(unit: PredictionUnit, head_dim: int) -> None:
@@ -527,19 +590,31 @@ class ARModel(nn.Module):
                 block.adaln_offset[:2].mul_(cfg.adaln_gamma_init)
 
     # -- pieces shared by training and generation ------------------------------------
+    def _shared_modulation(self, cond: torch.Tensor) -> torch.Tensor | None:
+        """The shared AdaLN output ``(b, 1, 6, d)`` from SiLU(class embedding), or None."""
+        if self.shared_adaln is None:
+            return None
+        return self.shared_adaln(cond).unflatten(-1, (6, -1)).unsqueeze(1)
+
+    def _head_modulation(self, cond: torch.Tensor) -> torch.Tensor | None:
+        """The head's AdaLN ``(b, 1, 2, d)`` from SiLU(class embedding) ``(b, d)``; None
+        with prefix conditioning."""
+        if self.head_adaln is None:
+            return None
+        return self.head_adaln(cond).unflatten(-1, (2, -1)).unsqueeze(1)
+
     def _modulations(self, cond: torch.Tensor) -> list[torch.Tensor | None]:
         """AdaLN modulation of every block ``(b, 1, 6, d)`` and of the head ``(b, 1, 2, d)``.
 
-        With prefix conditioning there is none: a None for every block and the head.
+        Generation's: computed once at step 0 and reused by every step. With prefix
+        conditioning there is none: a None for every block and the head.
         """
         if self.head_adaln is None:
             return [None] * (len(self.blocks) + 1)
         cond = F.silu(cond)  # (b, d)
-        shared = None
-        if self.shared_adaln is not None:
-            shared = self.shared_adaln(cond).unflatten(-1, (6, -1)).unsqueeze(1)
+        shared = self._shared_modulation(cond)
         mods = [block.modulation(cond, shared) for block in self.blocks]
-        mods.append(self.head_adaln(cond).unflatten(-1, (2, -1)).unsqueeze(1))
+        mods.append(self._head_modulation(cond))
         return mods
 
     def _logits(self, x: torch.Tensor, modulation: torch.Tensor | None) -> torch.Tensor:
@@ -635,12 +710,13 @@ class ARModel(nn.Module):
         words = self._embed_inputs(inputs)  # (b, l - l_0, d)
         x = torch.cat((start.to(words.dtype), words), dim=1) + self._positions()  # (b, prefix + l, d)
         x = self.token_drop(x)
-        mods = self._modulations(cond)
-        mask = self._mask()
+        cond = F.silu(cond)  # each AdaLN block computes its modulation from it
+        shared = self._shared_modulation(cond)
+        head = self._head_modulation(cond)
         rotary = self._rotary(0, self.step_starts[-1], x.device)
-        for block, mod in zip(self.blocks, mods, strict=False):
-            x = block(x, mod, backend=self.attention, mask=mask, rotary=rotary)
-        return self._logits(x[:, self.prefix :], mods[-1])
+        for block in self.blocks:
+            x = block(x, cond=cond, shared=shared, backend=self.attention, mask=self.attn_mask, rotary=rotary)
+        return self._logits(x[:, self.prefix :], head)
 
     # -- generation ------------------------------------------------------------------------
     def new_cache(
