@@ -15,7 +15,7 @@ import os
 import pickle
 import re
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -255,6 +255,17 @@ def describe_release(state: Mapping[str, torch.Tensor]) -> str | None:
     return None
 
 
+def key_differences(missing: Sequence[str], unexpected: Sequence[str], mismatched: Sequence[str]) -> str:
+    """``"missing: a, b; mismatched shapes: c: ..."`` (at most ten keys of each kind shown),
+    or ``""`` when all three are empty."""
+    parts = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("mismatched shapes", mismatched)):
+        if keys:
+            shown = ", ".join(keys[:10]) + (f" ... ({len(keys)} in all)" if len(keys) > 10 else "")
+            parts.append(f"{label}: {shown}")
+    return "; ".join(parts)
+
+
 def check_state_dict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], *, what: str) -> None:
     """Raise `CheckpointError` naming the keys unless ``state`` fits ``module`` exactly.
 
@@ -269,13 +280,9 @@ def check_state_dict(module: torch.nn.Module, state: Mapping[str, torch.Tensor],
         for k in sorted(set(own) & set(state))
         if tuple(own[k].shape) != tuple(state[k].shape)
     ]
-    parts = []
-    for label, keys in (("missing", missing), ("unexpected", unexpected), ("mismatched shapes", mismatched)):
-        if keys:
-            shown = ", ".join(keys[:10]) + (f" ... ({len(keys)} in all)" if len(keys) > 10 else "")
-            parts.append(f"{label}: {shown}")
-    if parts:
-        raise CheckpointError(f"{what} do not fit the model ({'; '.join(parts)})")
+    differences = key_differences(missing, unexpected, mismatched)
+    if differences:
+        raise CheckpointError(f"{what} do not fit the model ({differences})")
 
 
 def load_state(module: torch.nn.Module, state: Mapping[str, torch.Tensor], *, what: str) -> None:

@@ -55,7 +55,7 @@ from varkit.loading import Loaded, save_pretrained
 from varkit.model.transformer import ModelConfig
 from varkit.plugins import registry
 from varkit.pretrained import ModelCard
-from varkit.weights import check_state_dict, describe_release, read_state_dict
+from varkit.weights import check_state_dict, describe_release, key_differences, read_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -254,19 +254,11 @@ def convert_llamagen_gpt(
         for k, (_, shape) in table.items()
         if k in state and tuple(state[k].shape) != shape
     ]
-    if missing or unexpected or mismatched:
-        parts = []
-        for label, keys in (
-            ("missing", missing),
-            ("unexpected", unexpected),
-            ("mismatched shapes", mismatched),
-        ):
-            if keys:
-                shown = ", ".join(keys[:10]) + (f" ... ({len(keys)} in all)" if len(keys) > 10 else "")
-                parts.append(f"{label}: {shown}")
+    differences = key_differences(missing, unexpected, mismatched)
+    if differences:
         raise CheckpointError(
             f"LlamaGen GPT (read as depth {depth}, width {d}) does not have the release's layout "
-            f"({'; '.join(parts)}); is the file complete and a c2i_*.pt?"
+            f"({differences}); is the file complete and a c2i_*.pt?"
         )
     if "freqs_cis" in state and rotary is not None:
         _check_freqs(state["freqs_cis"], rotary)

@@ -58,7 +58,7 @@ from varkit.loading import Loaded, save_pretrained
 from varkit.model.transformer import ModelConfig
 from varkit.plugins import registry
 from varkit.pretrained import ModelCard
-from varkit.weights import describe_release, load_state, read_state_dict
+from varkit.weights import describe_release, key_differences, load_state, read_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -249,19 +249,11 @@ def convert_official_var(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
         for k, (_, shape) in table.items()
         if k in state and not _shape_fits(tuple(state[k].shape), shape)
     ]
-    if missing or unexpected or mismatched:
-        parts = []
-        for label, keys in (
-            ("missing", missing),
-            ("unexpected", unexpected),
-            ("mismatched shapes", mismatched),
-        ):
-            if keys:
-                shown = ", ".join(keys[:10]) + (f" ... ({len(keys)} in all)" if len(keys) > 10 else "")
-                parts.append(f"{label}: {shown}")
+    differences = key_differences(missing, unexpected, mismatched)
+    if differences:
         raise CheckpointError(
             f"VAR checkpoint (read as d{config.depth}, width {config.width}) does not have the official "
-            f"layout ({'; '.join(parts)}); is the file complete and an official var_d*.pth?"
+            f"layout ({differences}); is the file complete and an official var_d*.pth?"
         )
     problems = _check_buffers(state, config.depth)
     if problems:
