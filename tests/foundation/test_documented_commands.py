@@ -81,11 +81,12 @@ def test_the_shell_passes_every_argument_as_written(page, command):
 
 
 def _written_sets() -> set[tuple[str, str]]:
-    """``(directory, prefix)`` of every shard set a documented `varkit shards` call writes."""
+    """``(directory, prefix)`` of every shard set a documented `varkit shards` call writes
+    (image shards, or code shards with ``--tokenize``)."""
     sets = set()
     for _, command in ALL:
         words = shlex.split(command, comments=True)
-        if words[:2] != ["varkit", "shards"] or "--tokenize" in words:
+        if words[:2] != ["varkit", "shards"]:
             continue
         positional = [
             w
@@ -99,15 +100,15 @@ def _written_sets() -> set[tuple[str, str]]:
 
 def test_recipe_shard_patterns_name_what_varkit_shards_writes():
     written = _written_sets()
-    assert ("/data/imagenet-shards", "train") in written and ("/data/imagenet-shards", "val") in written
+    assert {("/data/imagenet-codes", "train"), ("/data/imagenet-shards", "val")} <= written
     patterns = [
         w.split("=", 1)[1]
         for _, c in ALL
         for w in shlex.split(c, comments=True)
-        if w.startswith(("data.train_shards=", "data.val_shards="))
+        if w.startswith(("data.train_shards=", "data.val_shards=", "data.codes="))
     ]
     data = yaml.safe_load((REPO / "recipes" / "var_base.yaml").read_text())["data"]
-    patterns += [data["train_shards"], data["val_shards"]]
+    patterns += [data["train_shards"], data["val_shards"], data["codes"]]
     assert len(patterns) > 8
     for pattern in patterns:
         if not pattern.startswith("/data/"):

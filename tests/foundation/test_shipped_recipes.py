@@ -44,11 +44,9 @@ def test_var_recipes_match_the_release(name):
     assert r.sampler.config.top_k == 900 and r.sampler.config.top_p == pytest.approx(0.96)
 
 
-def test_var_recipes_read_image_shards_and_say_how_to_train_from_codes():
+def test_var_recipes_train_from_code_shards_written_before_training():
     for name in RELEASE:
         r = recipe_mod.load(RECIPES[0].parent / f"{name}.yaml")
-        assert r.data.source == "shards" and r.data.train_shards.endswith(".tar") and r.data.val_shards
-        coded = recipe_mod.load(RECIPES[0].parent / f"{name}.yaml", ["data.source=codes"])
-        assert coded.data.codes.endswith(".tar")
+        assert r.data.source == "codes" and r.data.codes.endswith(".tar") and r.data.val_shards
     header = (RECIPES[0].parent / "var_base.yaml").read_text()
     assert "varkit shards --tokenize recipes/var_d16.yaml" in header and "--crops 5" in header
