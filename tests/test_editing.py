@@ -23,7 +23,7 @@ UNITS = [entry.name for entry in registry() if entry.kind == "unit"]
 NUM_CLASSES = 4
 #: The quickstart test's images keep their shape this far from the border, so the
 #: centre box covers it; what is edited, and the floors it must reach.
-MARGIN, KEEP_UNTIL, INPAINT_FLOOR, CLASS_EDIT_FLOOR = 6, 2, 0.0, 0.0
+MARGIN, KEEP_UNTIL, INPAINT_FLOOR, CLASS_EDIT_FLOOR = 6, 2, 0.40, 0.35
 PROPERTY = settings(
     max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
@@ -332,31 +332,31 @@ def test_pipeline_edit_inpaint_outpaint_change_class():
 # ------------------------------------------------------------------ the trained quickstart
 
 
+def _shape(label: int, seed: int, render, classify) -> torch.Tensor:
+    """A synthetic image ``(3, 32, 32)`` in [0, 1] of ``label`` that the synthetic
+    classifier reads as ``label`` (the first of seeds ``seed``, ``seed + 1000``, ...)."""
+    import numpy as np
+
+    while True:
+        image = torch.from_numpy(render(label, 32, np.random.default_rng(seed), margin=MARGIN))
+        image = image.permute(2, 0, 1).float() / 255
+        if int(classify(image[None])[0]) == label:
+            return image
+        seed += 1000
+
+
 @pytest.mark.slow
 def test_editing_the_quickstart_model(quickstart_run, tmp_path):
     """Inpainting keeps the image's codes around the box and the class of the shape;
     class editing turns images into the new class. The thresholds sit below the
     numbers recorded in docs/editing.md."""
-    import numpy as np
-
     import varkit
     from varkit.cli import main
     from varkit.data.synthetic import classify, render
 
     pipe = varkit.load(quickstart_run)
     classes = torch.arange(10).repeat_interleave(4)
-    images = (
-        torch.stack(
-            [
-                torch.from_numpy(render(int(c), 32, np.random.default_rng(100 + i), margin=MARGIN)).permute(
-                    2, 0, 1
-                )
-                for i, c in enumerate(classes)
-            ]
-        ).float()
-        / 255
-    )
-    assert (classify(images) == classes).all()
+    images = torch.stack([_shape(int(c), 100 + i, render, classify) for i, c in enumerate(classes)])
 
     def follows(f_hat, labels):
         return float((classify(decode_images(pipe.tokenizer, f_hat)) == labels).float().mean())
