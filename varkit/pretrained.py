@@ -130,7 +130,7 @@ def render_card(card: ModelCard, *, recipe: dict[str, Any], facts: dict[str, Any
         "images = pipe.generate([0, 1, 2, 3], seed=0)  # (4, 3, H, W) in [0, 1]",
         "```",
         "",
-        "or `varkit sample THIS_DIRECTORY --classes 0,1,2,3 --out samples`"
+        "or `varkit sample THIS_DIRECTORY --classes 0,1,2,3 --per-class 4 --out samples --grid`"
         + (" (classes by name work too)." if facts.get("class_names") else "."),
         "",
         "## Model",
