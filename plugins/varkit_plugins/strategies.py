@@ -1,0 +1,223 @@
+"""Built-in generation strategies: ``collaborative``, ``jacobi`` and ``prune_tokens``.
+
+Each drives the phases of the one generation loop (`varkit.Strategy`): the sampler,
+guidance, editing and the unit's bookkeeping stay the loop's.
+
+- ``collaborative`` (next-scale; CoDe, Chen et al. 2024): one model (the *drafter*,
+  typically the large one) generates the coarse steps before ``switch_step``; the model
+  being called (the *refiner*, typically small) fills its KV cache from the drafter's
+  codes in one teacher-forced pass and generates the rest.
+- ``jacobi`` (next-token and next-patch; speculative Jacobi decoding, Teng et al. 2024):
+  each forward pass verifies a window of drafted steps in parallel and accepts the
+  longest prefix of them that the base sampler confirms; see `Jacobi` for what is exact.
+- ``prune_tokens`` (next-scale; FastVAR's cached token pruning, Guo et al. 2025): at
+  the chosen steps only the positions whose input changed most from the previous scale
+  are run through the transformer; the others take the previous scale's logits,
+  upsampled.
+"""
+
+from __future__ import annotations
+
+import attrs
+import torch
+from attrs import validators as v
+
+from varkit.base import Strategy
+from varkit.errors import VarkitError
+from varkit.hookspecs import hookimpl
+
+# ------------------------------------------------------------------- collaborative
+
+
+@attrs.frozen(kw_only=True)
+class CollaborativeConfig:
+    """Options of ``collaborative``."""
+
+    #: The drafter: in a recipe, the path of its pretrained directory or run; in Python
+    #: pass ``draft=pipe`` (a loaded pipeline) instead.
+    draft: str | None = None
+    #: The first step the refiner runs; the drafter runs steps ``0 .. switch_step - 1``.
+    #: Must lie in ``[1, steps - 1]``.
+    switch_step: int | None = None
+
+
+def _same_tokenizer(a, b) -> str | None:
+    """Why tokenizers ``a`` and ``b`` do not code alike, or None when they do."""
+    if a is b:
+        return None
+    for what in ("schedule", "vocab_size", "code_dim"):
+        if getattr(a, what) != getattr(b, what):
+            return f"its tokenizer's {what} is {getattr(b, what)}, the refiner's {getattr(a, what)}"
+    ca, cb = a.codebook.detach(), b.codebook.detach()
+    if ca.shape != cb.shape or not torch.equal(ca.float().cpu(), cb.float().cpu()):
+        return "its tokenizer has another codebook (the same shapes, other weights)"
+    return None
+
+
+class Collaborative(Strategy):
+    """Collaborative decoding: the drafter generates the coarse steps, the refiner the rest.
+
+    The drafter's codes of steps ``0 .. K-1`` (``K = switch_step``) go through the
+    refiner's unit (the two share the tokenizer, so the refiner builds the same inputs
+    from them) and one teacher-forced forward pass of the refiner over those steps fills
+    its KV cache; the refiner then generates steps ``K ..`` as usual. Both draw from
+    the one generator, so with drafter = refiner the codes are those of plain
+    generation (up to the rounding of the one-pass prefill against step by step).
+
+    Checks, before any step: a drafter is given, its tokenizer codes as the refiner's
+    (schedule, vocabulary, code width and codebook), it has as many classes and the
+    same steps, and ``1 <= switch_step <= steps - 1``.
+    """
+
+    name = "collaborative"
+    Config = CollaborativeConfig
+    units = ("scale",)
+    models = ("draft",)
+
+    def check(self, gen, draft=None) -> None:
+        if draft is None:
+            raise VarkitError(
+                "strategy 'collaborative' needs a drafter: generate(..., strategy='collaborative', "
+                "draft=other_pipe, switch_step=K), or `strategy: {name: collaborative, draft: RUN_DIR, "
+                "switch_step: K}` in a recipe"
+            )
+        k = self.config.switch_step
+        if k is None or not 1 <= k <= gen.num_steps - 1:
+            raise VarkitError(
+                f"strategy 'collaborative': switch_step is {k} but must lie in [1, {gen.num_steps - 1}] "
+                f"for this model's {gen.num_steps} steps (the drafter runs the steps before it, the "
+                "refiner the rest)"
+            )
+        why = _same_tokenizer(gen.tokenizer, draft.tokenizer)
+        if why is not None:
+            raise VarkitError(
+                f"strategy 'collaborative': the drafter does not share the refiner's tokenizer: {why}. "
+                "Both models must be trained on the codes of one tokenizer"
+            )
+        ours, theirs = gen.model.config.num_classes, draft.model.config.num_classes
+        if ours != theirs:
+            raise VarkitError(
+                f"strategy 'collaborative': the drafter has {theirs} classes, the refiner {ours}; "
+                "both must be trained on the same classes"
+            )
+        if tuple(draft.model.unit.step_lengths) != tuple(gen.unit.step_lengths):
+            raise VarkitError(
+                f"strategy 'collaborative': the drafter's steps {tuple(draft.model.unit.step_lengths)} "
+                f"differ from the refiner's {tuple(gen.unit.step_lengths)}; use two next-scale models "
+                "over the same scales"
+            )
+
+    def run(self, gen, draft=None) -> None:
+        k = self.config.switch_step
+        drafter = gen.companion(draft.model, draft.tokenizer)
+        prefill = []  # the refiner's inputs of steps 1 .. K-1
+        for step in range(k):
+            logits = drafter.forward(step)
+            with gen.full_precision():
+                codes, emb = drafter.choose(step, logits)
+                drafter.accept(step, codes, emb)
+                gen.accept(step, codes, emb)
+            if step < k - 1:
+                prefill.append(gen.inputs)
+        gen.stats["draft_passes"] = drafter.forward_passes
+        gen.forward_steps(0, k, torch.cat(prefill, dim=1) if prefill else None)  # fills the cache
+        for step in range(k, gen.num_steps):
+            logits = gen.forward(step)
+            with gen.full_precision():
+                codes, emb = gen.choose(step, logits)
+                gen.accept(step, codes, emb)
+
+
+# --------------------------------------------------------------------------- jacobi
+
+
+@attrs.frozen(kw_only=True)
+class JacobiConfig:
+    """Options of ``jacobi``."""
+
+    #: Steps run per forward pass: the step whose input is known and ``window - 1``
+    #: drafted ones after it.
+    window: int = attrs.field(default=16, validator=v.ge(2))
+
+
+class Jacobi(Strategy):
+    """Speculative Jacobi decoding over raster steps (tokens or patches).
+
+    Each forward pass runs the first step not yet accepted, whose input is known, and
+    the ``window - 1`` steps after it on *drafted* codes (the previous pass's output
+    for them, initially copies of the last accepted step), with causal attention among
+    them. The base sampler then draws every step of the window from these logits, and
+    the loop accepts the first step's draw and each next one whose drafted input was
+    exactly what the accepted draw before it builds (the same codes and embeddings for
+    every image of the batch). The rejected steps' cache entries are taken back and
+    their draws become the next drafts. Every pass accepts at least one step.
+
+    What is exact: every accepted code is a fresh draw of the base sampler from the
+    model's logits given exactly the codes accepted before it, so the codes follow the
+    distribution of plain generation with that sampler, whatever the sampler (top-k,
+    top-p, temperature, guidance, editing). With greedy sampling they are the codes of
+    plain greedy generation. What differs: the logits of a step come from a pass over
+    several steps instead of one, which rounds differently (float32: about 1e-6;
+    a greedy tie within that may break the other way, more likely in bfloat16); and a
+    stochastic sampler consumes the generator in another order, so the same seed gives
+    other (equally distributed) images than plain generation. This acceptance rule
+    ("the draw equals the draft") accepts a drafted code with probability
+    ``p(draft)``; the probabilistic rule of speculative sampling
+    (``min(1, p/q)`` with a residual resample), which accepts more under
+    high-entropy samplers, needs the sampler's probabilities, which the sampler
+    contract does not expose. A soft sampler (VAR's smooth mode) feeds mixtures that
+    rarely repeat exactly, so it accepts about one step per pass.
+    """
+
+    name = "jacobi"
+    Config = JacobiConfig
+    units = ("token", "patch")
+
+    def run(self, gen) -> None:
+        logits = gen.forward(0)
+        with gen.full_precision():
+            last = gen.choose(0, logits)
+            gen.accept(0, *last)
+        drafts: list[tuple[torch.Tensor, torch.Tensor]] = []
+        done, passes = 1, 0
+        while done < gen.num_steps:
+            span = min(self.config.window, gen.num_steps - done)
+            drafts = (drafts + [drafts[-1] if drafts else last] * span)[: span - 1]
+            with gen.full_precision():
+                inputs = [gen.inputs, *self._draft_inputs(gen, done, drafts)]
+            logits = gen.forward_steps(done, done + span, torch.cat(inputs, dim=1))
+            with gen.full_precision():
+                drawn = [gen.choose(done + i, x) for i, x in enumerate(gen.split(done, done + span, logits))]
+                accepted = 1
+                while accepted < span and _same(drawn[accepted - 1], drafts[accepted - 1]):
+                    accepted += 1
+                gen.rewind(done + accepted)
+                for i in range(accepted):
+                    gen.accept(done + i, *drawn[i])
+            last, drafts = drawn[accepted - 1], drawn[accepted:]
+            done += accepted
+            passes += 1
+        gen.stats["jacobi_passes"] = passes
+
+    @staticmethod
+    def _draft_inputs(gen, first: int, drafts) -> list[torch.Tensor]:
+        """The inputs of steps ``first + 1 ..`` built from the drafted codes of ``first ..``.
+
+        The unit builds them from a scratch copy of its state, which the drafts leave
+        untouched: the raster units keep lists of codes.
+        """
+        scratch = {k: list(x) if isinstance(x, list) else x for k, x in gen.state.items()}
+        return [
+            gen.unit.generation_step(scratch, first + i, codes, emb, gen.tokenizer)
+            for i, (codes, emb) in enumerate(drafts)
+        ]
+
+
+def _same(drawn: tuple[torch.Tensor, torch.Tensor], draft: tuple[torch.Tensor, torch.Tensor]) -> bool:
+    return torch.equal(drawn[0], draft[0]) and torch.equal(drawn[1], draft[1])
+
+
+@hookimpl
+def varkit_register_strategies(register):
+    register(Collaborative)
+    register(Jacobi)
