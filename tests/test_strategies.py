@@ -348,3 +348,67 @@ def test_varkit_plugins_lists_the_strategies(capsys):
     rows = [line.split() for line in capsys.readouterr().out.splitlines()]
     assert ["strategy", "collaborative", "varkit", "yes"] in rows
     assert ["strategy", "jacobi", "varkit", "yes"] in rows
+
+
+# -------------------------------------------------------------------- prune_tokens
+
+
+def test_prune_tokens_at_ratio_one_is_plain_generation():
+    model, tokenizer = setup("scale")
+    labels = torch.tensor([0, 2])
+    smp = sampler(cfg=1.5, top_k=8)
+    plain, plain_f_hat = codes_of(model, tokenizer, smp, labels, seed=4)
+    same, f_hat = codes_of(model, tokenizer, smp, labels, seed=4, strategy="prune_tokens", ratios=[1.0])
+    assert all(torch.equal(a, b) for a, b in zip(plain, same, strict=True))
+    assert torch.equal(f_hat, plain_f_hat)
+
+
+def test_forward_positions_of_every_position_is_forward_step():
+    model, tokenizer = setup("scale")
+    labels = torch.tensor([1, 3])
+    inputs = torch.randn(2, 4, tokenizer.code_dim)
+    with torch.inference_mode():
+        a, b = model.new_cache(2), model.new_cache(2)
+        model.forward_step(None, labels, a, 0)
+        model.forward_step(None, labels, b, 0)
+        whole = model.forward_step(inputs, labels, a, 1)
+        some = model.forward_positions(inputs, labels, b, 1, torch.arange(4))
+    torch.testing.assert_close(some, whole, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(b.kv[..., : a.length, :], a.kv[..., : a.length, :], atol=1e-5, rtol=1e-5)
+
+
+def test_skipped_positions_are_invisible_to_later_steps():
+    """What a skipped position is fed changes nothing: not the kept positions, not later steps."""
+    model, tokenizer = setup("scale")
+    labels = torch.tensor([1, 3])
+    step1, step2 = torch.randn(2, 4, tokenizer.code_dim), torch.randn(2, 16, tokenizer.code_dim)
+    index = torch.tensor([0, 3])
+    outs = []
+    for noise in (0.0, 5.0):
+        x = step1.clone()
+        x[:, [1, 2]] += noise
+        with torch.inference_mode():
+            cache = model.new_cache(2)
+            model.forward_step(None, labels, cache, 0)
+            kept = model.forward_positions(x, labels, cache, 1, index)
+            later = model.forward_step(step2, labels, cache, 2)
+        outs.append((kept, later))
+    torch.testing.assert_close(outs[0][0], outs[1][0])
+    torch.testing.assert_close(outs[0][1], outs[1][1])
+
+
+def test_prune_tokens_runs_fewer_positions():
+    tokenizer = FakeTokenizer(FakeConfig(schedule=(1, 2, 4, 8)))
+    model = tiny_model("scale", tokenizer).eval()
+    smp = sampler(cfg=1.5, top_k=8)
+    gen = Generation(model, tokenizer, smp, torch.tensor([0, 1]), generator=torch.Generator().manual_seed(0))
+    cls = registry().get("strategy", "prune_tokens")
+    with torch.inference_mode():
+        codes, f_hat = gen.run_strategy(cls(cls.Config(ratios=(0.5, 0.25))))
+    assert [tuple(c.shape) for c in codes] == [(2, 1, 1), (2, 2, 2), (2, 4, 4), (2, 8, 8)]
+    assert gen.stats == {"positions_run": 1 + 4 + 8 + 16, "positions": 85}
+    assert torch.isfinite(f_hat).all()
+    with pytest.raises(VarkitError, match="prune at most the last 2"):
+        codes_of(model, tokenizer, smp, torch.tensor([0]), strategy="prune_tokens", ratios=[0.5, 0.5, 0.5])
+    with pytest.raises(VarkitError, match=r"ratios must lie in \(0, 1\]"):
+        codes_of(model, tokenizer, smp, torch.tensor([0]), strategy="prune_tokens", ratios=[0.0])

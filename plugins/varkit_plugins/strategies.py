@@ -18,9 +18,13 @@ guidance, editing and the unit's bookkeeping stay the loop's.
 
 from __future__ import annotations
 
+import math
+
 import attrs
 import torch
+import torch.nn.functional as F
 from attrs import validators as v
+from einops import rearrange
 
 from varkit.base import Strategy
 from varkit.errors import VarkitError
@@ -217,7 +221,97 @@ def _same(drawn: tuple[torch.Tensor, torch.Tensor], draft: tuple[torch.Tensor, t
     return torch.equal(drawn[0], draft[0]) and torch.equal(drawn[1], draft[1])
 
 
+# -------------------------------------------------------------------- prune_tokens
+
+
+def _check_ratios(instance, attribute, value):
+    if any(not 0.0 < r <= 1.0 for r in value):
+        raise ValueError(f"ratios must lie in (0, 1] (1 runs a step whole), got {list(value)}")
+
+
+@attrs.frozen(kw_only=True)
+class PruneTokensConfig:
+    """Options of ``prune_tokens``."""
+
+    #: The share of positions run at each of the last ``len(ratios)`` steps, in order:
+    #: ``[0.5, 0.25]`` runs half the positions of the second-to-last step and a quarter
+    #: of the last. 1.0 runs a step whole; the first two steps always run whole.
+    ratios: tuple[float, ...] = attrs.field(default=(0.5, 0.25), validator=_check_ratios)
+
+
+class PruneTokens(Strategy):
+    """Cached token pruning at the large scales (FastVAR's pivotal tokens and cached restoration).
+
+    At a pruned step ``k`` each position gets the score ``||x_k - up(x_{k-1})||_2``:
+    the distance of its input feature ``x_k`` (the running feature map at scale ``k``,
+    what the unit feeds) to the previous step's input upsampled bilinearly to scale
+    ``k``. Positions where the map changed little since the coarser scale carry little
+    new detail. The ``ceil(ratio · l_k)`` positions of highest score (summed over the
+    batch: one set per batch) run through the transformer; the others are skipped (no
+    keys and values; later steps do not attend to them) and take the previous step's
+    logits upsampled bilinearly to scale ``k``. The sampler then draws every position
+    as usual.
+
+    With every ratio 1.0 each step runs whole: plain generation, exactly.
+    """
+
+    name = "prune_tokens"
+    Config = PruneTokensConfig
+    units = ("scale",)
+
+    def check(self, gen) -> None:
+        pruned = len(self.config.ratios)
+        if pruned > gen.num_steps - 2:
+            raise VarkitError(
+                f"strategy 'prune_tokens': {pruned} ratios but this model has {gen.num_steps} steps; "
+                f"prune at most the last {gen.num_steps - 2} (the first two steps always run whole)"
+            )
+
+    def run(self, gen) -> None:
+        ratios = [1.0] * (gen.num_steps - len(self.config.ratios)) + list(self.config.ratios)
+        schedule = gen.tokenizer.schedule
+        previous: tuple[torch.Tensor, torch.Tensor] | None = None  # the last step's inputs, logits
+        computed = 0
+        for step in range(gen.num_steps):
+            inputs = gen.inputs
+            if ratios[step] >= 1.0:
+                logits = gen.forward(step)
+                computed += logits.shape[1]
+            else:
+                with gen.full_precision():
+                    index = self._pivotal(
+                        inputs, previous[0], schedule[step - 1], schedule[step], ratios[step]
+                    )
+                kept = gen.forward_positions(step, index)
+                with gen.full_precision():
+                    logits = _resize(previous[1], schedule[step - 1], schedule[step])
+                    logits[:, index] = kept.float()
+                computed += index.numel()
+            with gen.full_precision():
+                codes, emb = gen.choose(step, logits)
+                gen.accept(step, codes, emb)
+            previous = (inputs, logits)
+        gen.stats["positions_run"] = computed
+        gen.stats["positions"] = sum(gen.unit.step_lengths)
+
+    @staticmethod
+    def _pivotal(inputs, before, coarse, fine, ratio) -> torch.Tensor:
+        """The positions ``(n,)`` of step ``fine`` to run, increasing: the highest scores."""
+        upsampled = _resize(before.float(), coarse, fine)  # (b, l_k, c)
+        score = (inputs.float() - upsampled).norm(dim=-1).sum(0)  # (l_k,)
+        n = max(1, math.ceil(ratio * score.numel()))
+        return score.topk(n).indices.sort().values
+
+
+def _resize(x: torch.Tensor, coarse: tuple[int, int], fine: tuple[int, int]) -> torch.Tensor:
+    """``(b, h·w, ch)`` on the ``coarse`` grid -> ``(b, H·W, ch)`` on the ``fine`` grid (bilinear)."""
+    grid = rearrange(x, "b (h w) ch -> b ch h w", h=coarse[0], w=coarse[1])
+    grid = F.interpolate(grid, size=tuple(fine), mode="bilinear", align_corners=False)
+    return rearrange(grid, "b ch h w -> b (h w) ch")
+
+
 @hookimpl
 def varkit_register_strategies(register):
     register(Collaborative)
     register(Jacobi)
+    register(PruneTokens)

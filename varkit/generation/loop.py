@@ -105,6 +105,10 @@ class EagerSteps:
         """Logits of steps ``first .. last - 1`` in one pass (``model.forward_steps``)."""
         return self.model.forward_steps(inputs, self.labels, self.cache, first, last)
 
+    def positions(self, step: int, inputs: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Logits of the positions ``index`` of ``step`` alone (``model.forward_positions``)."""
+        return self.model.forward_positions(inputs, self.labels, self.cache, step, index)
+
 
 # -------------------------------------------------------------------------- the loop
 
@@ -307,6 +311,19 @@ class Generation:
             )
         self.forward_passes += 1
         return span(first, last, inputs)
+
+    def forward_positions(self, step: int, index: torch.Tensor) -> torch.Tensor:
+        """Logits ``(b or 2b, n, v)`` of the positions ``index`` ``(n,)`` of ``step`` from the
+        current inputs; the step's other positions are skipped (no keys; later steps mask them)."""
+        runner = getattr(self.runner, "positions", None)
+        if runner is None:
+            raise VarkitError(
+                f"the step runner {type(self.runner).__name__} runs whole steps; generation "
+                "strategies need eager steps (cuda_graphs=False)"
+            )
+        inputs = torch.cat([self.inputs, self.inputs]) if self.doubled else self.inputs
+        self.forward_passes += 1
+        return runner(step, inputs, index)
 
     def split(self, first: int, last: int, logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """`forward_steps` logits ``(b', n, v)`` cut into each step's ``(b', l_s, v)``."""

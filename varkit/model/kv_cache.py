@@ -50,6 +50,9 @@ class KVCache:
         #: Positions ``(n,)`` (int64, on the cache's device) a static-shape step writes;
         #: None for a step that writes at ``length``.
         self.write_index: torch.Tensor | None = None
+        #: ``(max_len,)`` bool, True at positions a step skipped (``forward_positions``):
+        #: they hold no keys, and later steps mask them. None while every position is written.
+        self.skipped: torch.Tensor | None = None
 
     def __repr__(self) -> str:
         depth, _, b, nh, l, hd = self.kv.shape
@@ -108,6 +111,8 @@ class KVCache:
         if not 0 <= length <= self.length:
             raise ValueError(f"cannot truncate a cache of {self.length} positions to {length}")
         self.length = length
+        if self.skipped is not None:
+            self.skipped[length:] = False
 
     def reset(self) -> None:
         """Forget every position and the conditioning: ready for a new batch of the same size."""
@@ -116,6 +121,7 @@ class KVCache:
         self.positions = None
         self.rotary = None
         self.write_index = None
+        self.skipped = None
 
 
 class VisibleKeys:
