@@ -17,6 +17,7 @@ from varkit.build import build_strategy
 from varkit.errors import VarkitError
 from varkit.generation import generate_codes
 from varkit.generation.loop import Generation
+from varkit.hookspecs import hookimpl
 from varkit.plugins import registry
 
 RASTER = ["token", "patch"]
@@ -412,3 +413,63 @@ def test_prune_tokens_runs_fewer_positions():
         codes_of(model, tokenizer, smp, torch.tensor([0]), strategy="prune_tokens", ratios=[0.5, 0.5, 0.5])
     with pytest.raises(VarkitError, match=r"ratios must lie in \(0, 1\]"):
         codes_of(model, tokenizer, smp, torch.tensor([0]), strategy="prune_tokens", ratios=[0.0])
+
+
+# ------------------------------------------------- a third-party strategy, through a recipe
+
+
+class Counted(Strategy):
+    """A plugin's strategy: every step in order, counting its runs (that it registers and runs)."""
+
+    name = "counted"
+    units = ("token", "patch")
+    runs = 0
+
+    def run(self, gen) -> None:
+        type(self).runs += 1
+        for step in range(gen.num_steps):
+            logits = gen.forward(step)
+            with gen.full_precision():
+                gen.accept(step, *gen.choose(step, logits))
+
+
+def _plugin_module():
+    module = types.ModuleType("my_strategies")
+
+    @hookimpl
+    def varkit_register_strategies(register):
+        register(Counted)
+
+    module.varkit_register_strategies = varkit_register_strategies
+    return module
+
+
+def test_a_third_party_strategy_registers_and_runs_through_a_recipe(fresh_registry, capsys):
+    from varkit.cli import main
+    from varkit.pipeline import Pipeline
+
+    fresh_registry.add(_plugin_module(), distribution="my-strategies")
+    assert main(["plugins", "--kind", "strategy"]) == 0
+    assert ["strategy", "counted", "my-strategies", "yes"] in [
+        line.split() for line in capsys.readouterr().out.splitlines()
+    ]
+    recipe = recipe_mod.load(RECIPES / "base.yaml", ["unit=token", "tokenizer=vq", "strategy=counted"])
+    assert recipe.strategy.name == "counted"
+    model, tokenizer = setup("token")
+    pipe = Pipeline(tokenizer, model, recipe=recipe)
+    Counted.runs = 0
+    images = pipe.generate([0, 1], seed=3)
+    assert Counted.runs == 1 and images.shape[:2] == (2, 3)
+    # the same images as plain generation: the strategy changes nothing
+    plain = Pipeline(
+        tokenizer, model, recipe=recipe_mod.load(RECIPES / "base.yaml", ["unit=token", "tokenizer=vq"])
+    )
+    assert torch.equal(images, plain.generate([0, 1], seed=3))
+    # a unit it does not support: refused, naming both (the CLI exits 2)
+    assert main(["validate", str(RECIPES / "base.yaml"), "strategy=counted", "--schema-only"]) == 2
+    assert "strategy 'counted' does not work with unit 'scale'" in capsys.readouterr().err
+    scale_model, scale_tokenizer = setup("scale")
+    with pytest.raises(VarkitError, match="strategy 'counted' does not work with unit 'scale'"):
+        Pipeline(scale_tokenizer, scale_model, recipe=recipe_mod.load(RECIPES / "base.yaml")).generate(
+            [0], strategy="counted"
+        )
