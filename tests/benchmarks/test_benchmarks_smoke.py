@@ -134,3 +134,18 @@ def test_the_replaced_sampling_rule_draws_from_the_same_distribution(bench):
     freq = [torch.bincount(c.flatten(), minlength=5).float() / c.numel() for c in (before, after)]
     assert freq[0][3:].sum() == 0 and freq[1][3:].sum() == 0
     torch.testing.assert_close(freq[0], freq[1], atol=0.02, rtol=0)
+
+
+def test_strategies_quick(bench, tmp_path):
+    out = tmp_path / "strategies.json"
+    payload = bench("strategies").main(["--quick", "--threads", "1", "--reps", "1", "--out", str(out)])
+    rows = {(r["setting"], r["strategy"].split()[0]): r for r in json.loads(out.read_text())["results"]}
+    assert rows == {
+        (r["setting"], r["strategy"].split()[0]): r for r in json.loads(json.dumps(payload["results"]))
+    }
+    assert {name for _, name in rows} == {"plain", "prune_tokens", "collaborative", "jacobi"}
+    greedy = rows[("token d1 random, greedy", "jacobi")]
+    assert greedy["same_codes_as_plain"] and greedy["passes"] <= greedy["steps"]
+    assert rows[("scale d1 random", "prune_tokens")]["positions_run_share"] < 1
+    collab = rows[("scale d1 random (refiner)", "collaborative")]
+    assert collab["passes_by_model"] == {"model": 3, "draft": 2}
