@@ -106,10 +106,15 @@ def test_without_a_strategy_generation_is_the_plain_step_loop(unit_name, smp):
     assert torch.equal(f_hat, again_f_hat)
 
 
-@pytest.mark.parametrize("unit_name", ["scale", *RASTER])
+PREFIX = {"conditioning": "prefix", "class_tokens": 3}
+
+
+@pytest.mark.parametrize(
+    ("unit_name", "options"), [("scale", {}), ("token", {}), ("patch", {}), ("token", PREFIX)], ids=str
+)
 @pytest.mark.parametrize("first", [0, 1])
-def test_forward_steps_is_the_steps_one_by_one(unit_name, first):
-    model, tokenizer = setup(unit_name, class_tokens=1)
+def test_forward_steps_is_the_steps_one_by_one(unit_name, options, first):
+    model, tokenizer = setup(unit_name, **options)
     labels = torch.tensor([1, 2])
     codes = [torch.randint(0, tokenizer.vocab_size, (2, h, w)) for h, w in tokenizer.schedule]
     inputs = model.unit.teacher_forcing(codes, tokenizer)  # (b, l - l_0, c)
@@ -174,11 +179,15 @@ def test_strategy_options_without_a_strategy_or_unknown_are_refused():
 # --------------------------------------------------------------------------- jacobi
 
 
-@pytest.mark.parametrize("unit_name", RASTER)
+@pytest.mark.parametrize(
+    ("unit_name", "options"),
+    [("token", {}), ("patch", {}), ("token", PREFIX)],
+    ids=["token", "patch", "prefix"],
+)
 @pytest.mark.parametrize("window", [2, 5, 64])
 @pytest.mark.parametrize("cfg", [0.0, 2.0])
-def test_jacobi_with_greedy_sampling_gives_the_plain_greedy_codes(unit_name, window, cfg):
-    model, tokenizer = setup(unit_name)
+def test_jacobi_with_greedy_sampling_gives_the_plain_greedy_codes(unit_name, options, window, cfg):
+    model, tokenizer = setup(unit_name, **options)
     labels = torch.tensor([0, 1, 3])
     greedy = sampler("greedy", cfg=cfg)
     plain, _ = codes_of(model, tokenizer, greedy, labels)

@@ -71,6 +71,7 @@ class Pipeline:
         if sampler is None:
             sampler = build_sampler(recipe)
         self.sampler = sampler
+        self._companions: dict[tuple[str, str], Pipeline] = {}  # models a strategy's options name
 
     @property
     def device(self) -> torch.device:
@@ -214,11 +215,15 @@ class Pipeline:
         )
 
     def _companion(self, value: Any) -> Any:
-        """A strategy's model option: a path is loaded (EMA weights) onto this pipeline's device."""
-        if isinstance(value, str | os.PathLike):
+        """A strategy's model option: a path is loaded (EMA weights) onto this pipeline's device,
+        once per pipeline."""
+        if not isinstance(value, str | os.PathLike):
+            return value
+        key = (os.fspath(value), str(self.device))
+        if key not in self._companions:
             log.info("loading %s for the generation strategy", value)
-            return Pipeline.from_loaded(load_pretrained(value), device=self.device)
-        return value
+            self._companions[key] = Pipeline.from_loaded(load_pretrained(value), device=self.device)
+        return self._companions[key]
 
     def _sampler(self, sampler, more_smooth: bool, **options) -> Sampler:
         if more_smooth:
