@@ -34,14 +34,12 @@ import _common as common
 import torch
 from official_style import QUICK_MSVQ
 
-from varkit.build import build_model, build_strategy
+from varkit.build import build_model, build_sampler, build_strategy
 from varkit.generation import generate_codes
 from varkit.generation.loop import Generation, companion_of, decode_images
 from varkit.recipe import from_dict
 
 QUICK_VQ = {k: v for k, v in QUICK_MSVQ.items() if k != "schedule"} | {"name": "vq"}
-#: Collaborative decoding's switch step on VAR's 10 scales: the drafter runs scales 1..13
-#: (255 of 680 positions), the refiner the 16×16 and last scales... see `switch_for`.
 PRUNE_RATIOS = (0.5, 0.25)
 JACOBI_WINDOW = 16
 
@@ -76,16 +74,22 @@ def count(model, tokenizer, sampler, labels, *, seed: int, strategy=None, **opti
 def compare(
     label: str, model, tokenizer, sampler, labels, variants: dict, *, reps: int, device, seed: int = 0
 ):
-    """Rows for plain generation and each variant ``{name: options}`` of one model."""
+    """Rows for plain generation of ``model`` and each variant ``{name: options}``.
+
+    An option ``model`` runs that variant with another model (collaborative decoding's
+    refiner, compared with the drafter alone).
+    """
     fns, counts = {}, {}
     for name, options in variants.items():
+        options = dict(options)
+        run_model = options.pop("model", model)
 
-        def run(options=options):
+        def run(options=options, run_model=run_model):
             g = torch.Generator(device).manual_seed(seed)
-            return generate_codes(model, tokenizer, sampler, labels, generator=g, **options)
+            return generate_codes(run_model, tokenizer, sampler, labels, generator=g, **options)
 
         fns[name] = run
-        counts[name] = count(model, tokenizer, sampler, labels, seed=seed, **options)
+        counts[name] = count(run_model, tokenizer, sampler, labels, seed=seed, **options)
     timing = common.interleaved(fns, device, reps=reps)
     plain = counts["plain"]
     rows = []
@@ -104,6 +108,7 @@ def compare(
 def random_settings(args, device) -> list[dict]:
     quick = args.quick
     depth = 1 if quick else 4
+    small_depth = max(1, depth // 2)
     scale_tok = QUICK_MSVQ if quick else common.MSVQ_256
     raster_tok = QUICK_VQ if quick else common.VQ_256
     batch = 2 if quick else args.batch
@@ -112,15 +117,22 @@ def random_settings(args, device) -> list[dict]:
     recipe = common.recipe_dict(unit={"name": "scale"}, depth=depth, tokenizer=scale_tok, num_classes=10)
     tokenizer, large, sampler = common.build(recipe, device)
     small_recipe = common.recipe_dict(
-        unit={"name": "scale"}, depth=max(1, depth // 2), tokenizer=scale_tok, num_classes=10
+        unit={"name": "scale"}, depth=small_depth, tokenizer=scale_tok, num_classes=10
     )
     torch.manual_seed(1)
-    small = build_model(from_dict(small_recipe), tokenizer, device=device).eval()  # fmt: skip
+    small = build_model(from_dict(small_recipe), tokenizer, device=device).eval()
     labels = torch.arange(batch, device=device) % 10
-    steps = len(large.unit.step_lengths)
+    k = switch_for(len(large.unit.step_lengths))
     variants = {
         "plain": {},
         f"prune_tokens {list(PRUNE_RATIOS)}": {"strategy": "prune_tokens", "ratios": PRUNE_RATIOS},
+        f"collaborative, refiner d{small_depth}, k={k}": {
+            "strategy": "collaborative",
+            "draft": (large, tokenizer),
+            "switch_step": k,
+            "model": small,
+        },
+        f"plain d{small_depth} (the refiner alone)": {"model": small},
     }
     rows += compare(
         f"scale d{depth} random",
@@ -132,40 +144,43 @@ def random_settings(args, device) -> list[dict]:
         reps=args.reps,
         device=device,
     )
-    collab = {
-        "plain": {},
-        f"collaborative d{depth}→d{max(1, depth // 2)} k={switch_for(steps)}": {
-            "strategy": "collaborative", "draft": (large, tokenizer), "switch_step": switch_for(steps),
-        },
-    }  # fmt: skip
-    # plain here is the refiner alone; the time to beat is the drafter's plain row above
-    rows += compare(f"scale d{max(1, depth // 2)} random (refiner)", small, tokenizer, sampler, labels, collab, reps=args.reps, device=device)  # fmt: skip
 
     recipe = common.recipe_dict(unit={"name": "token"}, depth=depth, tokenizer=raster_tok, num_classes=10)
     tokenizer, model, sampler = common.build(recipe, device)
-    from varkit.build import build_sampler
-
     greedy = build_sampler(None, "greedy", cfg=sampler.config.cfg)
     for smp, what in ((sampler, "topk_topp"), (greedy, "greedy")):
         variants = {"plain": {}, f"jacobi w={JACOBI_WINDOW}": {"strategy": "jacobi", "window": JACOBI_WINDOW}}
-        rows += compare(f"token d{depth} random, {what}", model.eval(), tokenizer, smp, labels, variants, reps=args.reps, device=device)  # fmt: skip
-    return rows
+        rows += compare(
+            f"token d{depth} random, {what}",
+            model.eval(),
+            tokenizer,
+            smp,
+            labels,
+            variants,
+            reps=args.reps,
+            device=device,
+        )
+    return rows  # fmt: skip
 
 
-def class_following(pipe_model, tokenizer, sampler, *, images: int, batch: int, device, **options) -> float:
-    """Share of ``images`` generated images (classes 0..9 in turn) that the classifier assigns to their class."""
+def class_following(model, tokenizer, sampler, *, images: int, batch: int, device, **options) -> dict:
+    """Shares of ``images`` generated images (classes 0..9 in turn) that the synthetic
+    classifier assigns to their class: by colour and shape, and by colour alone."""
     from varkit.data.synthetic import classify
 
-    hits = total = 0
+    options = dict(options)
+    model = options.pop("model", model)
+    shape = colour = total = 0
     for start in range(0, images, batch):
         labels = torch.arange(start, min(images, start + batch), device=device) % 10
         g = torch.Generator(device).manual_seed(start)
-        _, f_hat = generate_codes(pipe_model, tokenizer, sampler, labels, generator=g, **options)
+        _, f_hat = generate_codes(model, tokenizer, sampler, labels, generator=g, **options)
         with torch.inference_mode():
             pictures = decode_images(tokenizer, f_hat)
-        hits += int((classify(pictures) == labels.cpu()).sum())
+        shape += int((classify(pictures) == labels.cpu()).sum())
+        colour += int((classify(pictures, use_shape=False) == labels.cpu()).sum())
         total += labels.numel()
-    return hits / total
+    return {"class_following": shape / total, "colour_following": colour / total}
 
 
 def trained_settings(args, device) -> list[dict]:
@@ -174,39 +189,44 @@ def trained_settings(args, device) -> list[dict]:
     rows = []
     pipe = from_pretrained(args.quickstart, device=device)
     labels = torch.arange(args.batch, device=device) % 10
-    steps = len(pipe.model.unit.step_lengths)
+    k = switch_for(len(pipe.model.unit.step_lengths))
     variants = {
         "plain": {},
         f"prune_tokens {list(PRUNE_RATIOS)}": {"strategy": "prune_tokens", "ratios": PRUNE_RATIOS},
     }
     if args.refiner:
-        refiner = from_pretrained(args.refiner, device=device)
-    setting = "quickstart (scale, trained)"
+        refiner = from_pretrained(args.refiner, device=device).model
+        variants[f"collaborative, refiner {args.refiner}, k={k}"] = {
+            "strategy": "collaborative",
+            "draft": pipe,
+            "switch_step": k,
+            "model": refiner,
+        }
+        variants["plain refiner alone"] = {"model": refiner}
     out = compare(
-        setting, pipe.model, pipe.tokenizer, pipe.sampler, labels, variants, reps=args.reps, device=device
+        "quickstart (scale, trained)",
+        pipe.model,
+        pipe.tokenizer,
+        pipe.sampler,
+        labels,
+        variants,
+        reps=args.reps,
+        device=device,
     )
     for row, options in zip(out, variants.values(), strict=True):
-        row["class_following"] = class_following(
-            pipe.model,
-            pipe.tokenizer,
-            pipe.sampler,
-            images=args.images,
-            batch=args.batch,
-            device=device,
-            **options,
+        row.update(
+            class_following(
+                pipe.model,
+                pipe.tokenizer,
+                pipe.sampler,
+                images=args.images,
+                batch=args.batch,
+                device=device,
+                **options,
+            )
         )
     rows += out
-    if args.refiner:
-        collab = {"plain": {}, f"collaborative k={switch_for(steps)}": {"strategy": "collaborative", "draft": pipe, "switch_step": switch_for(steps)}}  # fmt: skip
-        out = compare("quickstart refiner (scale, trained)", refiner.model, refiner.tokenizer, pipe.sampler, labels, collab, reps=args.reps, device=device)  # fmt: skip
-        for row, options in zip(out, collab.values(), strict=True):
-            row["class_following"] = class_following(
-                refiner.model, refiner.tokenizer, pipe.sampler, images=args.images, batch=args.batch, device=device, **options
-            )  # fmt: skip
-        rows += out
     if args.token_run:
-        from varkit.build import build_sampler
-
         tok_pipe = from_pretrained(args.token_run, device=device)
         greedy = build_sampler(None, "greedy", cfg=tok_pipe.sampler.config.cfg)
         for smp, what in ((tok_pipe.sampler, tok_pipe.sampler.name), (greedy, "greedy")):
@@ -214,13 +234,30 @@ def trained_settings(args, device) -> list[dict]:
                 "plain": {},
                 f"jacobi w={JACOBI_WINDOW}": {"strategy": "jacobi", "window": JACOBI_WINDOW},
             }
-            out = compare(f"quickstart_token (trained), {what}", tok_pipe.model, tok_pipe.tokenizer, smp, labels, variants, reps=args.reps, device=device)  # fmt: skip
+            out = compare(
+                f"token run (trained), {what}",
+                tok_pipe.model,
+                tok_pipe.tokenizer,
+                smp,
+                labels,
+                variants,
+                reps=args.reps,
+                device=device,
+            )
             for row, options in zip(out, variants.values(), strict=True):
-                row["class_following"] = class_following(
-                    tok_pipe.model, tok_pipe.tokenizer, smp, images=args.images, batch=args.batch, device=device, **options
-                )  # fmt: skip
+                row.update(
+                    class_following(
+                        tok_pipe.model,
+                        tok_pipe.tokenizer,
+                        smp,
+                        images=args.images,
+                        batch=args.batch,
+                        device=device,
+                        **options,
+                    )
+                )
             rows += out
-    return rows
+    return rows  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -245,12 +282,12 @@ def main(argv: list[str] | None = None) -> dict:
         rows += trained_settings(args, device)
     info["load_1min_end"] = round(common.load_average(), 2)
     headers = ["setting", "strategy", "batch", "forward passes", "steps / pass", "positions run", "ms / batch",
-               "time / plain", "codes = plain", "class-following"]  # fmt: skip
+               "time / plain", "codes = plain", "class-following (colour)"]  # fmt: skip
     table = [
         (r["setting"], r["strategy"], r["batch"], "+".join(str(v) for v in r["passes_by_model"].values()),
          r["steps_per_pass"], f"{100 * r['positions_run_share']:.0f} %", r["seconds"] * 1e3,
          f"{r['time_vs_plain']:.2f}×", "yes" if r["same_codes_as_plain"] else "no",
-         f"{100 * r['class_following']:.1f} %" if "class_following" in r else "")
+         f"{100 * r['class_following']:.1f} % ({100 * r['colour_following']:.1f} %)" if "class_following" in r else "")
         for r in rows
     ]  # fmt: skip
     print(f"machine: {info}\n")
