@@ -163,13 +163,13 @@ def random_settings(args, device) -> list[dict]:
     return rows  # fmt: skip
 
 
-def class_following(model, tokenizer, sampler, *, images: int, batch: int, device, **options) -> dict:
+def class_following(base, tokenizer, sampler, *, images: int, batch: int, device, **options) -> dict:
     """Shares of ``images`` generated images (classes 0..9 in turn) that the synthetic
     classifier assigns to their class: by colour and shape, and by colour alone."""
     from varkit.data.synthetic import classify
 
     options = dict(options)
-    model = options.pop("model", model)
+    model = options.pop("model", base)
     shape = colour = total = 0
     for start in range(0, images, batch):
         labels = torch.arange(start, min(images, start + batch), device=device) % 10
