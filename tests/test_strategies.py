@@ -191,8 +191,11 @@ def test_jacobi_with_greedy_sampling_gives_the_plain_greedy_codes(unit_name, opt
     labels = torch.tensor([0, 1, 3])
     greedy = sampler("greedy", cfg=cfg)
     plain, _ = codes_of(model, tokenizer, greedy, labels)
-    fast, _ = codes_of(model, tokenizer, greedy, labels, strategy="jacobi", window=window)
-    assert torch.equal(plain[0], fast[0])
+    for adaptive in (True, False):
+        fast, _ = codes_of(
+            model, tokenizer, greedy, labels, strategy="jacobi", window=window, adaptive=adaptive
+        )
+        assert torch.equal(plain[0], fast[0])
 
 
 def test_jacobi_accepts_several_steps_per_pass_where_the_model_is_predictable():

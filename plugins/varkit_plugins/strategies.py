@@ -139,9 +139,14 @@ class Collaborative(Strategy):
 class JacobiConfig:
     """Options of ``jacobi``."""
 
-    #: Steps run per forward pass: the step whose input is known and ``window - 1``
-    #: drafted ones after it.
+    #: The most steps run per forward pass: the step whose input is known and up to
+    #: ``window - 1`` drafted ones after it.
     window: int = attrs.field(default=16, validator=v.ge(2))
+    #: Size each pass by the last: twice the steps it accepted, between 2 and
+    #: ``window``. Drafts that keep failing (a high-entropy sampler) then cost about
+    #: twice plain generation's work instead of ``window`` times; False always runs
+    #: ``window`` steps.
+    adaptive: bool = True
 
 
 class Jacobi(Strategy):
@@ -154,7 +159,9 @@ class Jacobi(Strategy):
     the loop accepts the first step's draw and each next one whose drafted input was
     exactly what the accepted draw before it builds (the same codes and embeddings for
     every image of the batch). The rejected steps' cache entries are taken back and
-    their draws become the next drafts. Every pass accepts at least one step.
+    their draws become the next drafts. Every pass accepts at least one step. With
+    ``adaptive`` (the default) each pass runs twice the steps the last one accepted
+    (between 2 and ``window``), so drafts that keep failing waste little.
 
     What is exact: every accepted code is a fresh draw of the base sampler from the
     model's logits given exactly the codes accepted before it, so the codes follow the
@@ -183,9 +190,9 @@ class Jacobi(Strategy):
             last = gen.choose(0, logits)
             gen.accept(0, *last)
         drafts: list[tuple[torch.Tensor, torch.Tensor]] = []
-        done, passes = 1, 0
+        done, passes, size = 1, 0, self.config.window
         while done < gen.num_steps:
-            span = min(self.config.window, gen.num_steps - done)
+            span = min(size, gen.num_steps - done)
             drafts = (drafts + [drafts[-1] if drafts else last] * span)[: span - 1]
             with gen.full_precision():
                 inputs = [gen.inputs, *self._draft_inputs(gen, done, drafts)]
@@ -200,6 +207,8 @@ class Jacobi(Strategy):
                     gen.accept(done + i, *drawn[i])
             last, drafts = drawn[accepted - 1], drawn[accepted:]
             done += accepted
+            if self.config.adaptive:  # the window never depends on a draw it then judges
+                size = min(self.config.window, max(2, 2 * accepted))
             passes += 1
         gen.stats["jacobi_passes"] = passes
 
