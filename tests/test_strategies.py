@@ -485,3 +485,30 @@ def test_a_third_party_strategy_registers_and_runs_through_a_recipe(fresh_regist
         Pipeline(scale_tokenizer, scale_model, recipe=recipe_mod.load(RECIPES / "base.yaml")).generate(
             [0], strategy="counted"
         )
+
+
+def test_a_recipe_names_the_drafter_by_path_and_the_pipeline_loads_it(tmp_path):
+    from varkit.build import build_model, build_tokenizer
+    from varkit.pipeline import Pipeline
+
+    tiny = [
+        "tokenizer.image_size=32", "tokenizer.ch=16", "tokenizer.ch_mult=[1,2,2]", "tokenizer.num_res_blocks=1",
+        "tokenizer.norm_groups=8", "tokenizer.vocab_size=64", "tokenizer.code_dim=8", "tokenizer.schedule=[1,2,4,8]",
+        "data.resolution=32", "model.depth=1", "model.width=32", "model.heads=2", "model.num_classes=10", "data.num_classes=10",
+    ]  # fmt: skip
+    recipe = recipe_mod.load(RECIPES / "base.yaml", tiny)
+    tokenizer = build_tokenizer(recipe)
+    torch.manual_seed(1)
+    Pipeline(tokenizer, build_model(recipe, tokenizer), recipe=recipe).save_pretrained(tmp_path / "big")
+    with_strategy = recipe_mod.load(
+        RECIPES / "base.yaml",
+        [*tiny, "strategy=collaborative", f"strategy.draft={tmp_path / 'big'}", "strategy.switch_step=3"],
+    )
+    refiner = Pipeline(tokenizer, build_model(recipe, tokenizer), recipe=with_strategy)
+    drafted = refiner.generate([0, 9], seed=1)
+    assert len(refiner._companions) == 1
+    big = next(iter(refiner._companions.values()))
+    assert torch.equal(
+        drafted, refiner.generate([0, 9], seed=1, strategy="collaborative", draft=big, switch_step=3)
+    )
+    assert not torch.equal(drafted, refiner.generate([0, 9], seed=1, strategy="prune_tokens", ratios=[1.0]))
