@@ -142,10 +142,11 @@ class JacobiConfig:
     #: The most steps run per forward pass: the step whose input is known and up to
     #: ``window - 1`` drafted ones after it.
     window: int = attrs.field(default=16, validator=v.ge(2))
-    #: Size each pass by the last: twice the steps it accepted, between 2 and
-    #: ``window``. Drafts that keep failing (a high-entropy sampler) then cost about
-    #: twice plain generation's work instead of ``window`` times; False always runs
-    #: ``window`` steps.
+    #: Size each pass by the last: a pass that accepted no drafted step halves the
+    #: next (down to 2), one that did grows it to at least twice what it accepted (up
+    #: to ``window``). Drafts that keep failing (a high-entropy sampler) then cost
+    #: about twice plain generation's work instead of ``window`` times; False always
+    #: runs ``window`` steps.
     adaptive: bool = True
 
 
@@ -160,8 +161,8 @@ class Jacobi(Strategy):
     exactly what the accepted draw before it builds (the same codes and embeddings for
     every image of the batch). The rejected steps' cache entries are taken back and
     their draws become the next drafts. Every pass accepts at least one step. With
-    ``adaptive`` (the default) each pass runs twice the steps the last one accepted
-    (between 2 and ``window``), so drafts that keep failing waste little.
+    ``adaptive`` (the default) a pass that accepted no drafted step halves the next one
+    (down to 2 steps), so drafts that keep failing waste little.
 
     What is exact: every accepted code is a fresh draw of the base sampler from the
     model's logits given exactly the codes accepted before it, so the codes follow the
@@ -208,7 +209,9 @@ class Jacobi(Strategy):
             last, drafts = drawn[accepted - 1], drawn[accepted:]
             done += accepted
             if self.config.adaptive:  # the window never depends on a draw it then judges
-                size = min(self.config.window, max(2, 2 * accepted))
+                size = (
+                    max(2, size // 2) if accepted == 1 else min(self.config.window, max(size, 2 * accepted))
+                )
             passes += 1
         gen.stats["jacobi_passes"] = passes
 
