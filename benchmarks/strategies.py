@@ -149,7 +149,15 @@ def random_settings(args, device) -> list[dict]:
     tokenizer, model, sampler = common.build(recipe, device)
     greedy = build_sampler(None, "greedy", cfg=sampler.config.cfg)
     for smp, what in ((sampler, "topk_topp"), (greedy, "greedy")):
-        variants = {"plain": {}, f"jacobi w={JACOBI_WINDOW}": {"strategy": "jacobi", "window": JACOBI_WINDOW}}
+        variants = {
+            "plain": {},
+            f"jacobi w≤{JACOBI_WINDOW} adaptive": {"strategy": "jacobi", "window": JACOBI_WINDOW},
+            f"jacobi w={JACOBI_WINDOW} fixed": {
+                "strategy": "jacobi",
+                "window": JACOBI_WINDOW,
+                "adaptive": False,
+            },
+        }
         rows += compare(
             f"token d{depth} random, {what}",
             model.eval(),
