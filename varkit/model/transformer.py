@@ -803,8 +803,9 @@ class ARModel(nn.Module):
         if position is None:
             x = x + cache.positions[:, start:end]
             rotary = None if cache.rotary is None else tuple(t[start:end] for t in cache.rotary)
-            if cache.skipped is not None:  # a step before ran on some positions only
-                backend = VisibleKeys(~cache.skipped[:end])
+            skipped = getattr(cache, "skipped", None)  # a cache of another kind may not track it
+            if skipped is not None:  # a step before ran on some positions only
+                backend = VisibleKeys(~skipped[:end])
         else:
             index = position + torch.arange(
                 end - start, device=position.device
