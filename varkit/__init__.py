@@ -1,6 +1,6 @@
 """varkit: a plugin framework for visual autoregressive image generation.
 
-The public surface: the four plugin base classes and the ``hookimpl`` marker for plugin
+The public surface: the five plugin base classes and the ``hookimpl`` marker for plugin
 authors, ``from_pretrained``, ``load``, ``from_official_var`` and
 ``from_official_llamagen`` for users (`varkit.pipeline`), and the error hierarchy.
 
@@ -11,7 +11,7 @@ plugins import this facade).
 
 from __future__ import annotations
 
-from varkit.base import AttentionBackend, PredictionUnit, Sampler, Tokenizer
+from varkit.base import AttentionBackend, PredictionUnit, Sampler, Strategy, Tokenizer
 from varkit.errors import (
     CheckpointError,
     DataError,
@@ -33,6 +33,7 @@ __all__ = [
     "PredictionUnit",
     "RecipeError",
     "Sampler",
+    "Strategy",
     "Tokenizer",
     "TrainingError",
     "VarkitError",

@@ -1,4 +1,4 @@
-"""Base classes of the four plugin kinds.
+"""Base classes of the five plugin kinds.
 
 A plugin is a class with a class attribute ``name`` (its registry name), a nested attrs
 class ``Config`` (its recipe options; frozen, kw_only) and a constructor that takes that
@@ -474,3 +474,66 @@ def apply_guidance(cond: torch.Tensor, uncond: torch.Tensor | None, t: float) ->
     if uncond is None:
         raise ValueError(f"guidance t={t} needs the unconditional logits")
     return (1 + t) * cond - t * uncond
+
+
+# ---------------------------------------------------------------------- strategy
+
+
+class Strategy(PluginBase):
+    """How a generation runs its steps: which model runs which step, which positions are
+    recomputed, and how many steps one forward pass accepts.
+
+    Without a strategy the generation loop (`varkit.generation.loop.Generation`) runs
+    every step in order, one forward pass each::
+
+        for step in range(gen.num_steps):
+            logits = gen.forward(step)              # (b or 2b, l_s, v): model + KV cache
+            codes, emb = gen.choose(step, logits)   # (b, l_s), (b, l_s, c): sampler, guidance
+            gen.accept(step, codes, emb)            # the unit records them, builds gen.inputs
+
+    A strategy's `run` drives the same phases in its own order instead of copying
+    them: it may run several steps in one pass (``gen.forward_steps(first, last,
+    inputs)``), take back steps it drafted (``gen.rewind(step)``), run some steps with
+    another model (``gen.companion(model, tokenizer)`` is a generation of the same batch
+    sharing the generator), or run a step on some of its positions. Sampling, guidance,
+    editing and the unit's bookkeeping stay the loop's, so a strategy works with every
+    sampler and tokenizer its units accept.
+
+    The class attributes say what a strategy needs; the host checks them before any
+    step runs and refuses a mismatch with a `varkit.VarkitError` naming both.
+    """
+
+    #: The prediction units (registry names) the strategy works with; None: every unit.
+    units: ClassVar[tuple[str, ...] | None] = None
+    #: Options that name another model (collaborative decoding's drafter). In a recipe
+    #: such an option is the path of a pretrained directory or run, which the pipeline
+    #: loads; in Python it is a loaded pipeline (anything with ``model`` and
+    #: ``tokenizer`` attributes) or a ``(model, tokenizer)`` pair. `run` receives them
+    #: by name as keyword arguments.
+    models: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, config=None):
+        self.config = config if config is not None else self.Config()
+
+    @classmethod
+    def supports(cls, unit: str) -> bool:
+        """Whether the strategy works with the prediction unit registered as ``unit``."""
+        return cls.units is None or unit in cls.units
+
+    def check(self, gen, **models) -> None:
+        """Refuse, with a `varkit.VarkitError` saying what to change, a generation this
+        strategy cannot run (e.g. a drafter with another tokenizer).
+
+        Called once before `run`, with the same arguments. The default accepts all.
+        """
+
+    def run(self, gen, **models) -> None:
+        """Run every step of ``gen`` (a `varkit.generation.loop.Generation`, started).
+
+        It must leave ``gen`` having accepted every step in order, ``0 ..
+        gen.num_steps - 1``, each once (``gen.accept``), so that ``gen.finish()`` returns
+        the generated codes. ``gen.forward_passes`` counts the forward passes it ran.
+        The whole call runs inside the loop's autocast region; wrap the sampler and unit
+        calls in ``gen.full_precision()`` as `varkit.generation.loop.Generation.run` does.
+        """
+        raise NotImplementedError

@@ -12,7 +12,7 @@ from typing import Any
 import attrs
 import torch
 
-from varkit.base import AttentionBackend, Sampler, Tokenizer
+from varkit.base import AttentionBackend, Sampler, Strategy, Tokenizer
 from varkit.defaults import DEFAULT_PLUGINS
 from varkit.errors import RecipeError
 from varkit.model.transformer import ARModel
@@ -112,3 +112,55 @@ def build_sampler(
     except (TypeError, ValueError) as exc:
         raise RecipeError(f"sampler {name!r}: {exc}") from None
     return cls(config)
+
+
+def build_strategy(
+    recipe: Recipe | None = None, name: str | Strategy | None = None, **options: Any
+) -> tuple[Strategy | None, dict[str, Any]]:
+    """A generation strategy and the other models it names: the recipe's, or ``name``'s.
+
+    ``options`` set fields of the strategy's Config; those the strategy lists in
+    ``models`` (e.g. collaborative decoding's ``draft``) are returned apart, by name,
+    as given (the caller loads a path), and an unset one falls back on the recipe's.
+    With neither a recipe strategy nor ``name`` there is none: ``(None, {})``.
+
+    Raises:
+        PluginError: the name is unknown or unavailable.
+        RecipeError: an option is not a field of that strategy's Config, or a bad value.
+    """
+    if isinstance(name, Strategy):
+        models = {k: options.pop(k) for k in list(options) if k in type(name).models}
+        if options:
+            raise TypeError("pass options to the strategy's Config, not beside a Strategy instance")
+        return name, models
+    section = recipe.strategy if recipe is not None else None
+    if name is None and section is None:
+        if options:
+            raise RecipeError(
+                f"strategy options {', '.join(sorted(options))} given without a strategy; name one "
+                "(strategy=...)"
+            )
+        return None, {}
+    if section is not None and (name is None or name == section.name):
+        name, config = section.name, section.config
+    else:
+        config = None
+    cls = registry().get("strategy", name)
+    config = config if config is not None else cls.Config()
+    fields = {f.name for f in attrs.fields(cls.Config) if f.init}
+    unknown = sorted(set(options) - fields - set(cls.models))
+    if unknown:
+        raise RecipeError(
+            f"strategy {name!r} has no option {', '.join(map(repr, unknown))}; its options are: "
+            f"{', '.join(sorted(fields | set(cls.models))) or 'none'}"
+        )
+    models = {k: options.pop(k) for k in list(options) if k in cls.models}
+    for key in cls.models:
+        if models.get(key) is None and getattr(config, key, None) is not None:
+            models[key] = getattr(config, key)
+    # a loaded model is no recipe value: its Config field keeps the path it came from, if any
+    try:
+        config = attrs.evolve(config, **options)
+    except (TypeError, ValueError) as exc:
+        raise RecipeError(f"strategy {name!r}: {exc}") from None
+    return cls(config), models

@@ -27,7 +27,7 @@ in the class's ``available()`` instead).
 
 The host validates each registration at once: the class must derive from the kind's
 base class (`varkit.Tokenizer`, `varkit.PredictionUnit`,
-`varkit.AttentionBackend`, `varkit.Sampler`), have a ``name`` matching
+`varkit.AttentionBackend`, `varkit.Sampler`, `varkit.Strategy`), have a ``name`` matching
 ``[a-z][a-z0-9_]*`` and an attrs ``Config`` class, and not reuse a name that another
 plugin registered.
 """
@@ -93,4 +93,16 @@ def varkit_register_samplers(register: Register) -> None:
         @varkit.hookimpl
         def varkit_register_samplers(register):
             register(TopKTopP)
+    """
+
+
+@hookspec
+def varkit_register_strategies(register: Register) -> None:
+    """Register generation strategy classes (subclasses of `varkit.Strategy`).
+
+    Example::
+
+        @varkit.hookimpl
+        def varkit_register_strategies(register):
+            register(Jacobi)
     """

@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from varkit.base import Sampler, Tokenizer
-from varkit.build import build_sampler
+from varkit.base import Sampler, Strategy, Tokenizer
+from varkit.build import build_sampler, build_strategy
 from varkit.defaults import SMOOTH_SAMPLER
 from varkit.errors import VarkitError
 from varkit.generation import editing
@@ -71,6 +71,7 @@ class Pipeline:
         if sampler is None:
             sampler = build_sampler(recipe)
         self.sampler = sampler
+        self._companions: dict[tuple[str, str], Pipeline] = {}  # models a strategy's options name
 
     @property
     def device(self) -> torch.device:
@@ -161,6 +162,8 @@ class Pipeline:
         dtype: torch.dtype | None = None,
         sampler_options: Mapping[str, Any] | None = None,
         cuda_graphs: bool = False,
+        strategy: str | Strategy | None = None,
+        **strategy_options: Any,
     ) -> torch.Tensor:
         """Generate one image per label.
 
@@ -179,10 +182,19 @@ class Pipeline:
             cuda_graphs: replay CUDA graphs of the transformer's steps (CUDA only);
                 the first call records them, later calls of the same batch size reuse
                 them (see `varkit.generation.graphs`).
+            strategy: a generation strategy (``"collaborative"``, ``"jacobi"``,
+                ``"prune_tokens"``, a plugin's, or a `varkit.Strategy`); None uses the
+                recipe's ``strategy`` section when it has one, else every step runs in
+                order. See docs/plugins.md.
+            strategy_options: the strategy's options, e.g. ``draft=other_pipe,
+                switch_step=6`` for ``collaborative``; a model option may also be the
+                path of a pretrained directory or run.
 
         Returns:
             Images ``(b, 3, H, W)`` in [0, 1].
         """
+        chosen_strategy, models = build_strategy(self.recipe, strategy, **strategy_options)
+        strategy_options = {k: self._companion(v) for k, v in models.items()}
         chosen = self._sampler(
             sampler, more_smooth, **{**(sampler_options or {}), "cfg": cfg, "top_k": top_k, "top_p": top_p}
         )
@@ -198,7 +210,20 @@ class Pipeline:
             generator=generator,
             dtype=dtype,
             cuda_graphs=cuda_graphs,
+            strategy=chosen_strategy,
+            **strategy_options,
         )
+
+    def _companion(self, value: Any) -> Any:
+        """A strategy's model option: a path is loaded (EMA weights) onto this pipeline's device,
+        once per pipeline."""
+        if not isinstance(value, str | os.PathLike):
+            return value
+        key = (os.fspath(value), str(self.device))
+        if key not in self._companions:
+            log.info("loading %s for the generation strategy", value)
+            self._companions[key] = Pipeline.from_loaded(load_pretrained(value), device=self.device)
+        return self._companions[key]
 
     def _sampler(self, sampler, more_smooth: bool, **options) -> Sampler:
         if more_smooth:

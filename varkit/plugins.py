@@ -22,7 +22,7 @@ import attrs
 import pluggy
 
 from varkit import hookspecs
-from varkit.base import AttentionBackend, PluginBase, PredictionUnit, Sampler, Tokenizer
+from varkit.base import AttentionBackend, PluginBase, PredictionUnit, Sampler, Strategy, Tokenizer
 from varkit.config_types import field_types, is_recipe_field, unsupported
 from varkit.errors import PluginError, did_you_mean
 
@@ -39,6 +39,12 @@ class Kind:
     title: str
     hook: str
     base: type
+    plural: str = ""
+
+    @property
+    def titles(self) -> str:
+        """The title in the plural."""
+        return self.plural or f"{self.title}s"
 
 
 KINDS: dict[str, Kind] = {
@@ -48,6 +54,7 @@ KINDS: dict[str, Kind] = {
         Kind("unit", "prediction unit", "varkit_register_prediction_units", PredictionUnit),
         Kind("attention", "attention backend", "varkit_register_attention_backends", AttentionBackend),
         Kind("sampler", "sampler", "varkit_register_samplers", Sampler),
+        Kind("strategy", "strategy", "varkit_register_strategies", Strategy, plural="strategies"),
     )
 }
 
@@ -230,7 +237,7 @@ class Registry:
                 )
             raise PluginError(
                 f"unknown {title} {name!r}{did_you_mean(name, entries)}. "
-                f"The {title}s registered are: {names}. `varkit plugins` lists them all.{broken}"
+                f"The {KINDS[kind].titles} registered are: {names}. `varkit plugins` lists them all.{broken}"
             )
         return entries[name]
 

@@ -134,3 +134,27 @@ def test_the_replaced_sampling_rule_draws_from_the_same_distribution(bench):
     freq = [torch.bincount(c.flatten(), minlength=5).float() / c.numel() for c in (before, after)]
     assert freq[0][3:].sum() == 0 and freq[1][3:].sum() == 0
     torch.testing.assert_close(freq[0], freq[1], atol=0.02, rtol=0)
+
+
+def test_strategies_quick(bench, tmp_path):
+    out = tmp_path / "strategies.json"
+    payload = bench("strategies").main(["--quick", "--threads", "1", "--reps", "1", "--out", str(out)])
+    results = json.loads(out.read_text())["results"]
+    assert results == json.loads(json.dumps(payload["results"]))
+
+    def row(setting, strategy):
+        (found,) = [r for r in results if r["setting"] == setting and r["strategy"].startswith(strategy)]
+        return found
+
+    assert {r["strategy"].split()[0].rstrip(",") for r in results} == {
+        "plain",
+        "prune_tokens",
+        "collaborative",
+        "jacobi",
+    }
+    for window in ("jacobi w≤16 adaptive", "jacobi w=16 fixed"):
+        greedy = row("token d1 random, greedy", window)
+        assert greedy["same_codes_as_plain"] and greedy["passes"] <= greedy["steps"]
+    assert row("scale d1 random", "prune_tokens")["positions_run_share"] < 1
+    assert row("scale d1 random", "collaborative")["passes_by_model"] == {"model": 3, "draft": 2}
+    assert row("scale d1 random", "plain d1")["passes_by_model"] == {"model": 4}

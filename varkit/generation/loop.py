@@ -20,6 +20,11 @@ the "no class" index ``model.config.num_classes``; the sampler receives both hal
 and ``t = sampler.guidance_scale(step, num_steps)``. When ``t`` is 0 at every step the
 batch is not doubled at all.
 
+A generation *strategy* (`varkit.Strategy`, ``generate_codes(..., strategy=...)``)
+drives these phases in its own order: several steps in one pass (`Generation.forward_steps`),
+drafted steps taken back (`Generation.rewind`), some steps run by another model
+(`Generation.companion`). Without one, `Generation.run` runs every step in order.
+
 The transformer runs inside one autocast region for the whole loop (so autocast casts
 each weight once per generation, not once per step); the sampler, the editing and
 the unit's feature arithmetic run in float32 inside it, with autocast switched off.
@@ -30,11 +35,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from typing import Protocol
+from typing import Any, Protocol
 
+import attrs
 import torch
 
-from varkit.base import Sampler, Tokenizer
+from varkit.base import Sampler, Strategy, Tokenizer
+from varkit.build import build_strategy
 from varkit.errors import VarkitError
 from varkit.generation.graphs import graphed_steps
 from varkit.model.kv_cache import KVCache
@@ -93,6 +100,14 @@ class EagerSteps:
 
     def __call__(self, step: int, inputs: torch.Tensor | None) -> torch.Tensor:
         return self.model.forward_step(inputs, self.labels, self.cache, step)
+
+    def span(self, first: int, last: int, inputs: torch.Tensor | None) -> torch.Tensor:
+        """Logits of steps ``first .. last - 1`` in one pass (``model.forward_steps``)."""
+        return self.model.forward_steps(inputs, self.labels, self.cache, first, last)
+
+    def positions(self, step: int, inputs: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Logits of the positions ``index`` of ``step`` alone (``model.forward_positions``)."""
+        return self.model.forward_positions(inputs, self.labels, self.cache, step, index)
 
 
 # -------------------------------------------------------------------------- the loop
@@ -174,6 +189,10 @@ class Generation:
         self.inputs: torch.Tensor | None = None  # (b, l_s, c); step 0 starts from the class embedding
         #: Forward passes run so far (a strategy that accepts several steps per pass runs fewer).
         self.forward_passes = 0
+        #: Steps accepted so far (`accept` takes them in order).
+        self.accepted = 0
+        #: What a strategy reports about its run (e.g. the drafter's forward passes).
+        self.stats: dict[str, Any] = {}
 
     def _check_edit(self, known, keep, b):
         """``known`` as one ``(b, l)`` sequence in the unit's order, and ``keep`` ``(b, l)``."""
@@ -221,6 +240,8 @@ class Generation:
         self.state = self.unit.start_generation(self.batch, self.tokenizer)
         self.inputs = None
         self.forward_passes = 0
+        self.accepted = 0
+        self.stats = {}
 
     def forward(self, step: int) -> torch.Tensor:
         """Logits of ``step`` ``(b or 2b, l_s, v)`` from the current inputs."""
@@ -264,7 +285,99 @@ class Generation:
 
     def accept(self, step: int, codes: torch.Tensor, emb: torch.Tensor) -> None:
         """The unit records ``step``'s codes and builds the next step's inputs."""
+        if step != self.accepted:
+            raise VarkitError(f"step {step} accepted out of order: steps are accepted once each, in order")
         self.inputs = self.unit.generation_step(self.state, step, codes, emb, self.tokenizer)
+        self.accepted += 1
+
+    # -- what strategies use ---------------------------------------------------------
+    def forward_steps(self, first: int, last: int, inputs: torch.Tensor | None) -> torch.Tensor:
+        """Logits ``(b or 2b, l_first + ... + l_{last-1}, v)`` of steps ``first .. last - 1``
+        in one forward pass.
+
+        ``inputs`` are the span's inputs after step 0, ``(b, n, c)`` (or codes ``(b, n)``):
+        ``self.inputs`` for ``first`` followed by those of the later steps, which a
+        strategy builds from drafted codes (``unit.generation_step`` on a scratch
+        state) or from codes generated elsewhere. The KV cache must hold exactly the
+        steps before ``first``; the span's are appended (`rewind` takes them back).
+        """
+        if inputs is not None and self.doubled:
+            inputs = torch.cat([inputs, inputs])
+        span = getattr(self.runner, "span", None)
+        if span is None:
+            raise VarkitError(
+                f"the step runner {type(self.runner).__name__} runs one step at a time; generation "
+                "strategies need eager steps (cuda_graphs=False)"
+            )
+        self.forward_passes += 1
+        return span(first, last, inputs)
+
+    def forward_positions(self, step: int, index: torch.Tensor) -> torch.Tensor:
+        """Logits ``(b or 2b, n, v)`` of the positions ``index`` ``(n,)`` of ``step`` from the
+        current inputs; the step's other positions are skipped (no keys; later steps mask them)."""
+        runner = getattr(self.runner, "positions", None)
+        if runner is None:
+            raise VarkitError(
+                f"the step runner {type(self.runner).__name__} runs whole steps; generation "
+                "strategies need eager steps (cuda_graphs=False)"
+            )
+        inputs = torch.cat([self.inputs, self.inputs]) if self.doubled else self.inputs
+        self.forward_passes += 1
+        return runner(step, inputs, index)
+
+    def split(self, first: int, last: int, logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """`forward_steps` logits ``(b', n, v)`` cut into each step's ``(b', l_s, v)``."""
+        return logits.split(self.unit.step_lengths[first:last], dim=1)
+
+    def rewind(self, step: int) -> None:
+        """Forget the KV cache from ``step`` on (steps a strategy drafted and did not accept)."""
+        if step < self.accepted:
+            raise VarkitError(f"cannot rewind to step {step}: steps up to {self.accepted - 1} are accepted")
+        self.runner.cache.truncate(self.step_starts[step])
+
+    def companion(self, model, tokenizer: Tokenizer) -> Generation:
+        """A generation of the same batch by another model, started: same labels, sampler,
+        generator and dtype (e.g. collaborative decoding's drafter).
+
+        Its random draws come from the same generator, so a companion that runs the
+        steps this generation would have run draws exactly what this one would have.
+        """
+        other = Generation(
+            model,
+            tokenizer,
+            self.sampler,
+            self.labels[: self.batch],
+            generator=self.generator,
+            dtype=self.dtype,
+            runner=EagerSteps(model),
+        )
+        other.start()
+        return other
+
+    def run_strategy(self, strategy: Strategy, **models: Any) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """`run`, with ``strategy`` driving the phases; returns `finish`'s ``(codes, f_hat)``.
+
+        Raises:
+            VarkitError: the strategy does not work with this unit, refuses the
+                generation (`varkit.Strategy.check`), or left steps unaccepted.
+        """
+        unit = getattr(self.unit, "name", type(self.unit).__name__)
+        if not strategy.supports(unit):
+            works = "every unit" if strategy.units is None else "the units " + ", ".join(strategy.units)
+            raise VarkitError(
+                f"strategy {strategy.name!r} does not work with unit {unit!r}; it works with {works}. "
+                "Generate without it or choose another strategy."
+            )
+        strategy.check(self, **models)
+        self.start()
+        with self.model_precision():
+            strategy.run(self, **models)
+        if self.accepted != self.num_steps:
+            raise VarkitError(
+                f"strategy {strategy.name!r} accepted {self.accepted} of {self.num_steps} steps; a "
+                "strategy must accept every step"
+            )
+        return self.finish()
 
     def finish(self) -> tuple[list[torch.Tensor], torch.Tensor]:
         """``(codes, f_hat)``: the code maps ``[(b, h_k, w_k)]`` and the feature map to decode."""
@@ -300,9 +413,46 @@ def _runner(model, cuda_graphs: bool, device: torch.device) -> StepRunner:
     return graphed_steps(model, device) if cuda_graphs else EagerSteps(model)
 
 
-def _generate(model, tokenizer, sampler, labels, *, generator, dtype, known, keep, cuda_graphs):
+@attrs.frozen
+class Companion:
+    """Another model of a strategy (e.g. collaborative decoding's drafter) and its tokenizer."""
+
+    model: Any
+    tokenizer: Tokenizer
+
+
+def companion_of(name: str, value: Any) -> Companion:
+    """A strategy's model option as a `Companion`: a pipeline (anything with ``model`` and
+    ``tokenizer``) or a ``(model, tokenizer)`` pair."""
+    if isinstance(value, Companion):
+        return value
+    if isinstance(value, tuple | list) and len(value) == 2:
+        return Companion(*value)
+    if hasattr(value, "model") and hasattr(value, "tokenizer"):
+        return Companion(value.model, value.tokenizer)
+    if isinstance(value, str | bytes) or hasattr(value, "__fspath__"):
+        raise VarkitError(
+            f"strategy option {name}={value!r} is a path; load it first (varkit.load(path)) and pass the "
+            "pipeline, or give it in a recipe, whose pipeline loads it"
+        )
+    raise VarkitError(
+        f"strategy option {name} must be a loaded pipeline or a (model, tokenizer) pair, got {type(value).__name__}"
+    )
+
+
+def _generate(
+    model, tokenizer, sampler, labels, *, generator, dtype, known, keep, cuda_graphs, strategy, options
+):
     runner = _runner(model, cuda_graphs, labels.device)
-    with _eval_mode(model):
+    chosen, models = build_strategy(None, strategy, **options)
+    if chosen is not None and cuda_graphs:
+        raise VarkitError(
+            f"strategy {chosen.name!r} runs eager steps; generate with cuda_graphs=False or without it"
+        )
+    models = {name: companion_of(name, value) for name, value in models.items() if value is not None}
+    with _eval_mode(model), contextlib.ExitStack() as stack:
+        for other in models.values():
+            stack.enter_context(_eval_mode(other.model))
         gen = Generation(
             model,
             tokenizer,
@@ -314,7 +464,9 @@ def _generate(model, tokenizer, sampler, labels, *, generator, dtype, known, kee
             keep=keep,
             runner=runner,
         )
-        return gen.run()
+        if chosen is None:
+            return gen.run()
+        return gen.run_strategy(chosen, **models)
 
 
 def generate_codes(
@@ -328,6 +480,8 @@ def generate_codes(
     known: list[torch.Tensor] | None = None,
     keep: torch.Tensor | None = None,
     cuda_graphs: bool = False,
+    strategy: str | Strategy | None = None,
+    **strategy_options: Any,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Generate one code pyramid per label.
 
@@ -348,6 +502,10 @@ def generate_codes(
             `varkit.generation.editing.edit_codes`, which makes both).
         cuda_graphs: replay CUDA graphs of the model's steps (CUDA only; see
             `varkit.generation.graphs`), which says how their codes compare.
+        strategy: a generation strategy (a registered name or a `varkit.Strategy`)
+            that runs the steps its own way; None runs every step in order.
+        strategy_options: the strategy's options (fields of its Config, and the
+            models it names, e.g. ``draft=pipe`` for ``collaborative``).
 
     Returns:
         ``(codes, f_hat)``: the code maps ``[(b, h_k, w_k)]`` (int64) and the feature
@@ -365,6 +523,8 @@ def generate_codes(
             known=known,
             keep=keep,
             cuda_graphs=cuda_graphs,
+            strategy=strategy,
+            options=strategy_options,
         )
     # Clones made outside inference mode are normal tensors that autograd may save.
     return [c.clone() for c in codes], f_hat.clone()
@@ -406,6 +566,8 @@ def generate_images(
     known: list[torch.Tensor] | None = None,
     keep: torch.Tensor | None = None,
     cuda_graphs: bool = False,
+    strategy: str | Strategy | None = None,
+    **strategy_options: Any,
 ) -> torch.Tensor:
     """Generate one image per label: `generate_codes`, then the tokenizer's decoder.
 
@@ -426,6 +588,8 @@ def generate_images(
             known=known,
             keep=keep,
             cuda_graphs=cuda_graphs,
+            strategy=strategy,
+            options=strategy_options,
         )
         images = decode_images(tokenizer, f_hat, dtype=generation_dtype(model, dtype))
     return images.clone()

@@ -50,6 +50,9 @@ class KVCache:
         #: Positions ``(n,)`` (int64, on the cache's device) a static-shape step writes;
         #: None for a step that writes at ``length``.
         self.write_index: torch.Tensor | None = None
+        #: ``(max_len,)`` bool, True at positions a step skipped (``forward_positions``):
+        #: they hold no keys, and later steps mask them. None while every position is written.
+        self.skipped: torch.Tensor | None = None
 
     def __repr__(self) -> str:
         depth, _, b, nh, l, hd = self.kv.shape
@@ -100,6 +103,17 @@ class KVCache:
         """Mark ``n`` more positions as written (after every block appended them)."""
         self.length += n
 
+    def truncate(self, length: int) -> None:
+        """Forget the positions from ``length`` on (a strategy that drafted them and rejected some).
+
+        Their keys and values stay in memory and are overwritten by the next steps.
+        """
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} positions to {length}")
+        self.length = length
+        if self.skipped is not None:
+            self.skipped[length:] = False
+
     def reset(self) -> None:
         """Forget every position and the conditioning: ready for a new batch of the same size."""
         self.length = 0
@@ -107,23 +121,29 @@ class KVCache:
         self.positions = None
         self.rotary = None
         self.write_index = None
+        self.skipped = None
 
 
 class VisibleKeys:
-    """Attention of a static-shape cached step: queries see the cache positions ``visible``.
+    """Attention of a cached step through an explicit mask of the keys each query sees.
 
     A static-shape step attends over the whole cache ``(b, nh, max_len, hd)``; the
     positions after its own are masked instead of sliced off, so the shapes do not
     depend on where the step is. It runs ``torch.nn.functional.scaled_dot_product_attention``
     with the boolean mask; eager cached steps (no mask at all) use the model's backend.
 
+    A span of several steps in one pass (`varkit.model.transformer.ARModel.forward_steps`)
+    uses it too, with one row per query: each sees the cache and its own and earlier steps.
+
     Args:
-        visible: ``(max_len,)`` bool: True at the positions written so far, the step's
-            own included.
+        visible: ``(max_len,)`` bool, True at the positions written so far, the step's
+            own included (every query sees the same keys); or ``(lq, lk)`` bool, one row
+            per query.
     """
 
     def __init__(self, visible: torch.Tensor):
-        self.visible = visible[None, None, None, :]  # (1, 1, 1, max_len): broadcast over b, nh, queries
+        # broadcast over b and nh (and over the queries for a 1-d mask)
+        self.visible = visible[None, None] if visible.ndim == 2 else visible[None, None, None, :]
 
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: object, scale: float

@@ -803,6 +803,9 @@ class ARModel(nn.Module):
         if position is None:
             x = x + cache.positions[:, start:end]
             rotary = None if cache.rotary is None else tuple(t[start:end] for t in cache.rotary)
+            skipped = getattr(cache, "skipped", None)  # a cache of another kind may not track it
+            if skipped is not None:  # a step before ran on some positions only
+                backend = VisibleKeys(~skipped[:end])
         else:
             index = position + torch.arange(
                 end - start, device=position.device
@@ -820,6 +823,120 @@ class ARModel(nn.Module):
         cache.advance(end - start)
         if step == 0:
             x = x[:, self.prefix :]
+        return self._logits(x, cache.modulation[-1])
+
+    def forward_steps(
+        self, inputs: torch.Tensor | None, labels: torch.Tensor, cache: KVCache, first: int, last: int
+    ) -> torch.Tensor:
+        """Logits of steps ``first .. last - 1`` in one pass, given the cache of the steps before.
+
+        What a generation strategy runs to verify several drafted steps at once or to
+        fill a cache from codes generated elsewhere (teacher forcing into the cache).
+        Each position sees the cache, its own step and the steps before it in the span,
+        as in `forward`; the span's keys and values are appended to the cache. One step
+        (``last == first + 1``) is exactly `forward_step`.
+
+        Args:
+            inputs: the inputs of the span's steps after step 0, features ``(b, n, c)``
+                or codes ``(b, n)`` (what ``unit.generation_step`` returned for each, in
+                order); None when the span is step 0 alone.
+            labels: class indices ``(b,)``.
+            cache: holding exactly the steps before ``first``.
+            first: the span's first step.
+            last: one past its last step, ``first < last <= len(unit.step_lengths)``.
+
+        Returns:
+            Logits ``(b, l_first + ... + l_{last-1}, v)`` in float32 (the extra class
+            tokens of prefix conditioning predict nothing).
+        """
+        if not 0 <= first < last <= len(self.step_lengths):
+            raise VarkitError(
+                f"steps [{first}, {last}) are not a span of the unit's {len(self.step_lengths)} steps"
+            )
+        if last == first + 1:
+            return self.forward_step(inputs, labels, cache, first)
+        start, end = self.step_starts[first], self.step_starts[last]
+        if cache.length != start:
+            raise VarkitError(
+                f"step {first} starts at position {start} but the cache holds {cache.length}; "
+                "a span continues the cache where the steps before it ended"
+            )
+        b = labels.shape[0]
+        words_start = self.step_starts[max(first, 1)]
+        parts = []
+        if first == 0:
+            cond, x0 = self._class_tokens(labels)  # (b, prefix + l_0, d)
+            cache.modulation = self._modulations(cond)
+            cache.positions = self._positions()
+            cache.rotary = self._rotary(0, self.step_starts[-1], cond.device)
+            parts.append(x0)
+        if inputs is None:
+            raise VarkitError(f"steps [{first}, {last}) need their inputs ({b}, {end - words_start}, ...)")
+        self._check_features(inputs, b, end - words_start, f"inputs of steps [{max(first, 1)}, {last})")
+        words = self._embed_inputs(inputs)  # (b, n, d)
+        parts.append(words)
+        x = torch.cat([p.to(words.dtype) for p in parts], dim=1) + cache.positions[:, start:end]
+        rotary = None if cache.rotary is None else tuple(t[start:end] for t in cache.rotary)
+        # Query i sees the cache and every position up to the end of its own step.
+        ends = torch.tensor(self.step_starts[first + 1 : last + 1], device=x.device)
+        step_end = torch.repeat_interleave(ends, ends.diff(prepend=ends.new_tensor([start])))  # (n,)
+        visible = torch.arange(end, device=x.device)[None, :] < step_end[:, None]  # (n, end)
+        if cache.skipped is not None:
+            visible = visible & ~cache.skipped[None, :end]
+        backend = VisibleKeys(visible)
+        for i, (block, mod) in enumerate(zip(self.blocks, cache.modulation, strict=False)):
+            x = block(x, mod, backend=backend, mask=None, rotary=rotary, cache=cache, layer=i)
+        cache.advance(end - start)
+        if first == 0:
+            x = x[:, self.prefix :]
+        return self._logits(x, cache.modulation[-1])
+
+    def forward_positions(
+        self, inputs: torch.Tensor, labels: torch.Tensor, cache: KVCache, step: int, index: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits of some positions of step ``step`` (``step >= 1``): the others are skipped.
+
+        Only the positions ``index`` of the step are run: their queries see the cache and
+        each other, their keys and values are written to the cache at their places. The
+        skipped positions hold no keys (they are zeroed and marked in ``cache.skipped``);
+        every later step masks them. What a token-pruning strategy runs.
+
+        Args:
+            inputs: the step's inputs at every position, features ``(b, l_s, c)`` or codes
+                ``(b, l_s)``.
+            labels: class indices ``(b,)``.
+            cache: holding exactly the steps before ``step``.
+            step: the step, ``1 <= step < len(unit.step_lengths)``.
+            index: ``(n,)`` int64, increasing positions of the step to run, in ``[0, l_s)``.
+
+        Returns:
+            Logits ``(b, n, v)`` in float32 of the positions ``index``.
+        """
+        if not 1 <= step < len(self.step_lengths):
+            raise VarkitError(f"step {step}: only steps 1 .. {len(self.step_lengths) - 1} can skip positions")
+        start, end = self.step_starts[step], self.step_starts[step + 1]
+        if cache.length != start:
+            raise VarkitError(f"step {step} starts at position {start} but the cache holds {cache.length}")
+        b = labels.shape[0]
+        self._check_features(inputs, b, end - start, f"inputs of step {step}")
+        where = start + index  # (n,) positions in the sequence
+        x = self._embed_inputs(inputs.index_select(1, index)) + cache.positions.index_select(1, where)
+        rotary = None if cache.rotary is None else tuple(t.index_select(0, where) for t in cache.rotary)
+        if cache.skipped is None:
+            cache.skipped = torch.zeros(cache.max_len, dtype=torch.bool, device=x.device)
+        cache.skipped[start:end] = True
+        cache.skipped[where] = False
+        # Attention reads the whole cache under a mask; what it masks must be finite.
+        cache.kv[:, :, :, :, start:].zero_()
+        visible = torch.arange(cache.max_len, device=x.device) < end
+        backend = VisibleKeys(visible & ~cache.skipped)
+        cache.write_index = where
+        try:
+            for i, (block, mod) in enumerate(zip(self.blocks, cache.modulation, strict=False)):
+                x = block(x, mod, backend=backend, mask=None, rotary=rotary, cache=cache, layer=i)
+        finally:
+            cache.write_index = None
+        cache.advance(end - start)
         return self._logits(x, cache.modulation[-1])
 
     # -- training helpers ---------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Recipes: YAML files that compose plugins by name and set every option of a run.
 
-A recipe has the sections ``tokenizer``, ``unit``, ``attention``, ``sampler`` (plugin
-sections: ``name:`` plus that plugin's ``Config`` fields), ``model``, ``data``,
+A recipe has the sections ``tokenizer``, ``unit``, ``attention``, ``sampler`` and,
+optionally, ``strategy`` (plugin sections: ``name:`` plus that plugin's ``Config``
+fields; no ``strategy`` section generates step by step), ``model``, ``data``,
 ``train``, ``tokenizer_train`` and ``init`` (pretrained weights to fine-tune), plus
 ``out_dir`` and ``seed``. ``base: other.yaml``
 extends another recipe (paths are relative to the file that names them). Command-line
@@ -46,7 +47,9 @@ from varkit.plugins import KINDS, registry
 from varkit.recipe.finetune import InitConfig
 from varkit.recipe.train import RETIRED_TOKENIZER_TRAIN_KEYS, TokenizerTrainConfig, TrainConfig
 
-PLUGIN_SECTIONS = ("tokenizer", "unit", "attention", "sampler")
+PLUGIN_SECTIONS = ("tokenizer", "unit", "attention", "sampler", "strategy")
+#: Plugin sections a recipe may leave out with nothing in their place.
+OPTIONAL_SECTIONS = ("strategy",)
 #: Keys a plugin section holds beside the plugin's own Config fields.
 SECTION_KEYS = {"tokenizer": ("name", "weights")}
 TOP_LEVEL = ("base", "out_dir", "seed", *PLUGIN_SECTIONS, "model", "data", "train", "tokenizer_train", "init")
@@ -101,6 +104,8 @@ class Recipe:
     tokenizer_train: Any
     #: Fine-tuning: pretrained weights the AR stage starts from (``init:``).
     init: Any = attrs.field(factory=InitConfig)
+    #: The generation strategy (``strategy:``), or None: every step in order.
+    strategy: PluginSection | None = None
     #: The file it was read from (not part of equality or of the resolved dict).
     source: str | None = attrs.field(default=None, eq=False)
 
@@ -108,7 +113,9 @@ class Recipe:
         """The fully resolved recipe as plain data; ``from_dict`` of it gives this recipe."""
         out: dict[str, Any] = {"out_dir": self.out_dir, "seed": self.seed}
         for kind in PLUGIN_SECTIONS:
-            out[kind] = getattr(self, kind).to_dict()
+            section = getattr(self, kind)
+            if section is not None:
+                out[kind] = section.to_dict()
         for key in ("model", "data", "train", "tokenizer_train", "init"):
             out[key] = unstructure(getattr(self, key))
         return out
@@ -559,6 +566,8 @@ def _without_ar_options(raw: Mapping[str, Any], problems: list[Problem]) -> dict
 
 def _plugin_section(kind: str, raw: Any, problems: list[Problem]) -> Any:
     title = KINDS[kind].title
+    if raw is None and kind in OPTIONAL_SECTIONS:
+        return None
     if raw is None and kind in DEFAULT_PLUGINS:
         raw = {"name": DEFAULT_PLUGINS[kind]}
     if raw is None:
@@ -649,7 +658,21 @@ def _cross_check(values: dict[str, Any], problems: list[Problem]) -> None:
                     "of processes times grad_accum under torchrun)",
                 )
             )
+    strategy = values.get("strategy")
+    if strategy is not None and not strategy.cls.supports(unit_section.name):
+        problems.append(
+            Problem(
+                "strategy.name",
+                f"strategy {strategy.name!r} does not work with unit {unit_section.name!r}; it works with "
+                f"{_units_of(strategy.cls)}: choose another strategy or remove the strategy section",
+            )
+        )
     classes = getattr(data, "num_classes", None)
     num_classes = values["model"].num_classes
     if classes is not None and classes > num_classes:
         problems.append(Problem("model.num_classes", f"is {num_classes} but the data has {classes} classes"))
+
+
+def _units_of(strategy_cls) -> str:
+    units = strategy_cls.units
+    return "every unit" if units is None else "the units " + ", ".join(units)
