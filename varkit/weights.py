@@ -123,7 +123,9 @@ def read_state_dict(path: str | os.PathLike, what: str) -> dict[str, torch.Tenso
         # the weights: a Namespace holds plain data, so the weights-only unpickler may build it.
         with _safe_globals([argparse.Namespace]):
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # the weights-only unpickler fails on garbage in many ways (IndexError, KeyError, ...)
+    except (
+        Exception
+    ) as exc:  # the weights-only unpickler fails on garbage in many ways (IndexError, KeyError, ...)
         raise CheckpointError(_refusal(path, what, exc)) from None
     return _unwrap(state, path, what)
 
