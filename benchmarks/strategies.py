@@ -234,38 +234,51 @@ def trained_settings(args, device) -> list[dict]:
             )
         )
     rows += out
-    if args.token_run:
-        tok_pipe = from_pretrained(args.token_run, device=device)
-        greedy = build_sampler(None, "greedy", cfg=tok_pipe.sampler.config.cfg)
-        for smp, what in ((tok_pipe.sampler, tok_pipe.sampler.name), (greedy, "greedy")):
-            variants = {
-                "plain": {},
-                f"jacobi w={JACOBI_WINDOW}": {"strategy": "jacobi", "window": JACOBI_WINDOW},
-            }
-            out = compare(
-                f"token run (trained), {what}",
-                tok_pipe.model,
-                tok_pipe.tokenizer,
-                smp,
-                labels,
-                variants,
-                reps=args.reps,
-                device=device,
-            )
-            for row, options in zip(out, variants.values(), strict=True):
-                row.update(
-                    class_following(
-                        tok_pipe.model,
-                        tok_pipe.tokenizer,
-                        smp,
-                        images=args.images,
-                        batch=args.batch,
-                        device=device,
-                        **options,
-                    )
+    return rows
+
+
+def token_settings(args, device) -> list[dict]:
+    """jacobi on a trained next-token run, with its recipe's sampler and greedy."""
+    from varkit.pipeline import from_pretrained
+
+    rows = []
+    labels = torch.arange(args.batch, device=device) % 10
+    tok_pipe = from_pretrained(args.token_run, device=device)
+    greedy = build_sampler(None, "greedy", cfg=tok_pipe.sampler.config.cfg)
+    for smp, what in ((tok_pipe.sampler, tok_pipe.sampler.name), (greedy, "greedy")):
+        variants = {
+            "plain": {},
+            f"jacobi w≤{JACOBI_WINDOW} adaptive": {"strategy": "jacobi", "window": JACOBI_WINDOW},
+            f"jacobi w={JACOBI_WINDOW} fixed": {
+                "strategy": "jacobi",
+                "window": JACOBI_WINDOW,
+                "adaptive": False,
+            },
+        }
+        out = compare(
+            f"token run (trained), {what}",
+            tok_pipe.model,
+            tok_pipe.tokenizer,
+            smp,
+            labels,
+            variants,
+            reps=args.reps,
+            device=device,
+        )
+        for row, options in zip(out, variants.values(), strict=True):
+            row.update(
+                class_following(
+                    tok_pipe.model,
+                    tok_pipe.tokenizer,
+                    smp,
+                    images=args.images,
+                    batch=args.batch,
+                    device=device,
+                    **options,
                 )
-            rows += out
-    return rows  # fmt: skip
+            )
+        rows += out
+    return rows
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -288,6 +301,8 @@ def main(argv: list[str] | None = None) -> dict:
     rows = [] if args.skip_random else random_settings(args, device)
     if args.quickstart:
         rows += trained_settings(args, device)
+    if args.token_run:
+        rows += token_settings(args, device)
     info["load_1min_end"] = round(common.load_average(), 2)
     headers = ["setting", "strategy", "batch", "forward passes", "steps / pass", "positions run", "ms / batch",
                "time / plain", "codes = plain", "class-following (colour)"]  # fmt: skip
