@@ -191,12 +191,23 @@ def class_following(base, tokenizer, sampler, *, images: int, batch: int, device
     return {"class_following": shape / total, "colour_following": colour / total}
 
 
+def compare_trained(setting: str, model, tokenizer, sampler, variants: dict, args, device) -> list[dict]:
+    """`compare` on a trained model, each row with its `class_following`."""
+    labels = torch.arange(args.batch, device=device) % 10
+    rows = compare(setting, model, tokenizer, sampler, labels, variants, reps=args.reps, device=device)
+    for row, options in zip(rows, variants.values(), strict=True):
+        row.update(
+            class_following(
+                model, tokenizer, sampler, images=args.images, batch=args.batch, device=device, **options
+            )
+        )
+    return rows
+
+
 def trained_settings(args, device) -> list[dict]:
     from varkit.pipeline import from_pretrained
 
-    rows = []
     pipe = from_pretrained(args.quickstart, device=device)
-    labels = torch.arange(args.batch, device=device) % 10
     k = switch_for(len(pipe.model.unit.step_lengths))
     variants = {
         "plain": {},
@@ -211,30 +222,9 @@ def trained_settings(args, device) -> list[dict]:
             "model": refiner,
         }
         variants["plain refiner alone"] = {"model": refiner}
-    out = compare(
-        "quickstart (scale, trained)",
-        pipe.model,
-        pipe.tokenizer,
-        pipe.sampler,
-        labels,
-        variants,
-        reps=args.reps,
-        device=device,
+    return compare_trained(
+        "quickstart (scale, trained)", pipe.model, pipe.tokenizer, pipe.sampler, variants, args, device
     )
-    for row, options in zip(out, variants.values(), strict=True):
-        row.update(
-            class_following(
-                pipe.model,
-                pipe.tokenizer,
-                pipe.sampler,
-                images=args.images,
-                batch=args.batch,
-                device=device,
-                **options,
-            )
-        )
-    rows += out
-    return rows
 
 
 def token_settings(args, device) -> list[dict]:
@@ -242,7 +232,6 @@ def token_settings(args, device) -> list[dict]:
     from varkit.pipeline import from_pretrained
 
     rows = []
-    labels = torch.arange(args.batch, device=device) % 10
     tok_pipe = from_pretrained(args.token_run, device=device)
     greedy = build_sampler(None, "greedy", cfg=tok_pipe.sampler.config.cfg)
     for smp, what in ((tok_pipe.sampler, tok_pipe.sampler.name), (greedy, "greedy")):
@@ -255,29 +244,9 @@ def token_settings(args, device) -> list[dict]:
                 "adaptive": False,
             },
         }
-        out = compare(
-            f"token run (trained), {what}",
-            tok_pipe.model,
-            tok_pipe.tokenizer,
-            smp,
-            labels,
-            variants,
-            reps=args.reps,
-            device=device,
+        rows += compare_trained(
+            f"token run (trained), {what}", tok_pipe.model, tok_pipe.tokenizer, smp, variants, args, device
         )
-        for row, options in zip(out, variants.values(), strict=True):
-            row.update(
-                class_following(
-                    tok_pipe.model,
-                    tok_pipe.tokenizer,
-                    smp,
-                    images=args.images,
-                    batch=args.batch,
-                    device=device,
-                    **options,
-                )
-            )
-        rows += out
     return rows
 
 
