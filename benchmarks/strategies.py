@@ -44,6 +44,14 @@ PRUNE_RATIOS = (0.5, 0.25)
 JACOBI_WINDOW = 16
 
 
+#: Plain generation and jacobi with the adaptive and with a fixed window.
+JACOBI_VARIANTS = {
+    "plain": {},
+    f"jacobi w≤{JACOBI_WINDOW} adaptive": {"strategy": "jacobi", "window": JACOBI_WINDOW},
+    f"jacobi w={JACOBI_WINDOW} fixed": {"strategy": "jacobi", "window": JACOBI_WINDOW, "adaptive": False},
+}
+
+
 def switch_for(num_steps: int) -> int:
     """The drafter runs all but the last two steps (the large scales, most of the positions)."""
     return max(1, num_steps - 2)
@@ -149,15 +157,7 @@ def random_settings(args, device) -> list[dict]:
     tokenizer, model, sampler = common.build(recipe, device)
     greedy = build_sampler(None, "greedy", cfg=sampler.config.cfg)
     for smp, what in ((sampler, "topk_topp"), (greedy, "greedy")):
-        variants = {
-            "plain": {},
-            f"jacobi w≤{JACOBI_WINDOW} adaptive": {"strategy": "jacobi", "window": JACOBI_WINDOW},
-            f"jacobi w={JACOBI_WINDOW} fixed": {
-                "strategy": "jacobi",
-                "window": JACOBI_WINDOW,
-                "adaptive": False,
-            },
-        }
+        variants = dict(JACOBI_VARIANTS)
         rows += compare(
             f"token d{depth} random, {what}",
             model.eval(),
@@ -235,15 +235,7 @@ def token_settings(args, device) -> list[dict]:
     tok_pipe = from_pretrained(args.token_run, device=device)
     greedy = build_sampler(None, "greedy", cfg=tok_pipe.sampler.config.cfg)
     for smp, what in ((tok_pipe.sampler, tok_pipe.sampler.name), (greedy, "greedy")):
-        variants = {
-            "plain": {},
-            f"jacobi w≤{JACOBI_WINDOW} adaptive": {"strategy": "jacobi", "window": JACOBI_WINDOW},
-            f"jacobi w={JACOBI_WINDOW} fixed": {
-                "strategy": "jacobi",
-                "window": JACOBI_WINDOW,
-                "adaptive": False,
-            },
-        }
+        variants = dict(JACOBI_VARIANTS)
         rows += compare_trained(
             f"token run (trained), {what}", tok_pipe.model, tok_pipe.tokenizer, smp, variants, args, device
         )

@@ -43,7 +43,15 @@ from varkit.errors import CheckpointError, RecipeError, VarkitError, did_you_mea
 from varkit.pretrained import ModelCard
 from varkit.recipe import Recipe
 from varkit.version import __version__
-from varkit.weights import check_state_dict, describe_release, load_state, read_weights, weight_shapes
+from varkit.weights import (
+    check_state_dict,
+    compare_keys,
+    describe_release,
+    key_differences,
+    load_state,
+    read_weights,
+    weight_shapes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -766,27 +774,17 @@ def init_model_weights(
     if source is None or target is None:
         raise CheckpointError(f"{what} have no class_embed.weight: they are not a varkit AR model")
     probe = {k: v for k, v in own.items() if k != "class_embed.weight"}
-    missing = sorted(set(probe) - set(state))
-    unexpected = sorted(set(state) - set(probe))
-    mismatched = [
-        f"{k}: pretrained {tuple(state[k].shape)} vs recipe {tuple(probe[k].shape)}"
-        for k in sorted(set(probe) & set(state))
-        if tuple(probe[k].shape) != tuple(state[k].shape)
-    ]
+    missing, unexpected, mismatched = compare_keys(probe, state, theirs="pretrained", ours="recipe")
     if source.shape[1] != target.shape[1]:
         mismatched.insert(
             0, f"class_embed.weight: pretrained width {source.shape[1]} vs recipe {target.shape[1]}"
         )
     if max(rows.source_rows) >= source.shape[0]:
         mismatched.insert(0, f"class_embed.weight: pretrained has {source.shape[0] - 1} classes")
-    parts = []
-    for label, keys in (("missing", missing), ("unexpected", unexpected), ("mismatched shapes", mismatched)):
-        if keys:
-            shown = ", ".join(keys[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "")
-            parts.append(f"{label}: {shown}")
-    if parts:
+    differences = key_differences(missing, unexpected, mismatched)
+    if differences:
         raise CheckpointError(
-            f"{what} do not fit the recipe's model ({'; '.join(parts)}). The recipe's model, unit and "
+            f"{what} do not fit the recipe's model ({differences}). The recipe's model, unit and "
             "tokenizer sections must describe the pretrained architecture: copy them from its recipe.yaml."
         )
     index = torch.tensor(rows.source_rows, dtype=torch.long)

@@ -268,21 +268,32 @@ def key_differences(missing: Sequence[str], unexpected: Sequence[str], mismatche
     return "; ".join(parts)
 
 
+def compare_keys(
+    own: Mapping[str, torch.Tensor],
+    state: Mapping[str, torch.Tensor],
+    *,
+    theirs: str = "checkpoint",
+    ours: str = "model",
+) -> tuple[list[str], list[str], list[str]]:
+    """The keys of ``own`` that ``state`` lacks, the keys ``state`` has beyond them, and
+    ``"key: theirs (shape) vs ours (shape)"`` for the common keys of other shapes."""
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = [
+        f"{k}: {theirs} {tuple(state[k].shape)} vs {ours} {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(state))
+        if tuple(own[k].shape) != tuple(state[k].shape)
+    ]
+    return missing, unexpected, mismatched
+
+
 def check_state_dict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], *, what: str) -> None:
     """Raise `CheckpointError` naming the keys unless ``state`` fits ``module`` exactly.
 
     Every key of ``module.state_dict()`` must be in ``state`` with the same shape, and
     ``state`` must hold no other key.
     """
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    mismatched = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in sorted(set(own) & set(state))
-        if tuple(own[k].shape) != tuple(state[k].shape)
-    ]
-    differences = key_differences(missing, unexpected, mismatched)
+    differences = key_differences(*compare_keys(module.state_dict(), state))
     if differences:
         raise CheckpointError(f"{what} do not fit the model ({differences})")
 
